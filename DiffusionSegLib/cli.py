@@ -1,0 +1,276 @@
+"""The ``diffusionseg`` command: segment, finetune, evaluate, models.
+
+Errors in the user's input print one line naming the file and the problem and exit with status 2;
+Ctrl-C or SIGTERM exits with status 130. Outputs are written atomically at the very end, so neither
+leaves a partial or modified output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .annotations import training_slices
+from .devices import DEVICES, configure_cpu_threads, resolve_device
+from .diffusion import GaussianDiffusion
+from .errors import Cancelled, InputError
+from .finetune import AugmentConfig, FinetuneConfig, finetune
+from .imageio import check_output_path, read_ct, read_labels, write_labelmap
+from .inference import segment_ct
+from .metrics import organ_overlap
+from .models import ModelCard, list_models, load_segmentor, load_unet, now_iso, read_card, resolve_model, save_model
+from .preprocessing import PreprocessingSpec
+from .progress import MODES, Progress
+from .segmentor import DEFAULT_HEAD_WIDTH, STRATEGIES, Segmentor
+from .unet import PRESETS, preset_config
+
+EXIT_INPUT_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _head_width(text: str) -> int:
+    """`h128`, `h256` or a plain width."""
+    value = text[1:] if text.lower().startswith("h") else text
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"head must look like h128 or h256, got {text}")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusionseg",
+        description="Segment 13 abdominal organs in CT with a DDPM-pretrained U-Net, and fine-tune it from a few annotated slices.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto = CUDA, MPS, then CPU)")
+        p.add_argument("--progress", choices=MODES, default="tqdm", help="progress output: a tqdm bar, JSON lines on stdout (for 3D Slicer), or none")
+
+    seg = sub.add_parser("segment", help="segment a CT with a segmentation model")
+    seg.add_argument("image", help="CT: NIfTI, NRRD, MHA file or a DICOM series folder")
+    seg.add_argument("-o", "--output", required=True, help="output: .seg.nrrd (Slicer segmentation) or .nii.gz/.nrrd/.mha labelmap")
+    seg.add_argument("--model", help="model name or folder (default: the bundled segmentation model)")
+    seg.add_argument("--batch-size", type=_positive_int, default=8, help="slices per network batch (default 8)")
+    common(seg)
+
+    ft = sub.add_parser("finetune", help="fine-tune a model on annotated axial slices and save it")
+    ft.add_argument("--image", action="append", required=True, help="CT (repeat with --labels for several CTs)")
+    ft.add_argument("--labels", action="append", required=True, help="labelmap on the image grid (FLARE22 ids) or .seg.nrrd")
+    ft.add_argument("-o", "--output", required=True, help="model folder to write")
+    ft.add_argument("--base", help="pretrained (or segmentation) model name or folder (default: the bundled pretrained model)")
+    ft.add_argument("--strategy", choices=STRATEGIES, default="ft-dec", help="ft-dec: encoder frozen (default); lp: head only; fs: from scratch")
+    ft.add_argument("--preset", choices=sorted(PRESETS), help="architecture for --strategy fs without --base (default small)")
+    ft.add_argument("--head", type=_head_width, help="head hidden width, e.g. h128 or h256 (default by preset)")
+    ft.add_argument("--iterations", type=_positive_int, default=FinetuneConfig.iterations)
+    ft.add_argument("--batch-size", type=_positive_int, default=FinetuneConfig.batch_size)
+    ft.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="backbone learning rate; the head uses 10x")
+    ft.add_argument("--time-limit", type=float, help="stop after this many seconds of training")
+    ft.add_argument("--timestep", type=int, help="diffusion timestep fed to the network (default 0)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--no-augment", action="store_true", help="train without affine and intensity augmentation")
+    ft.add_argument("--name", help="model name recorded in model.json (default: the folder name)")
+    common(ft)
+
+    ev = sub.add_parser("evaluate", help="per-organ DSC and Jaccard of a prediction against a reference")
+    ev.add_argument("--pred", required=True, help="predicted labelmap or .seg.nrrd")
+    ev.add_argument("--ref", required=True, help="reference labelmap or .seg.nrrd on the same grid")
+    ev.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+
+    ls = sub.add_parser("models", help="list bundled and user models")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _raise_cancelled(signum: int, frame: object) -> None:
+    raise Cancelled(f"stopped by signal {signum}")
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    output = check_output_path(args.output)
+    device = resolve_device(args.device)
+    segmentor, card = load_segmentor(resolve_model(args.model, "segmentor"))
+    progress = Progress(args.progress)
+    progress.start("read", 1)
+    ct = read_ct(args.image)
+    progress.advance()
+    labelmap = segment_ct(ct, segmentor, card.preprocessing, device, args.batch_size, progress)
+    progress.start("write", 1)
+    write_labelmap(labelmap, output)
+    progress.advance()
+    progress.finish()
+    progress.message(f"wrote {output}")
+    return 0
+
+
+def _base_segmentor(args: argparse.Namespace) -> tuple[Segmentor, ModelCard | None, Path | None]:
+    """The network to fine-tune: pretrained backbone + new head, a previous segmentor, or a fresh one (fs)."""
+    if args.strategy == "fs" and args.base is None:
+        preset = args.preset or "small"
+        config = preset_config(preset)
+        spec = PreprocessingSpec.for_size(config.image_size)
+        card = ModelCard(kind="pretrained", unet=config, preprocessing=spec, preset=preset, name=f"random-{preset}")
+        return _new_segmentor(card, args), card, None
+    base = resolve_model(args.base, "pretrained")
+    card = read_card(base)
+    if args.preset and card.preset and args.preset != card.preset:
+        raise InputError(f"--preset {args.preset}: the base model {base} is preset {card.preset}; drop --preset or choose another base")
+    if card.kind == "segmentor" and args.strategy != "fs":
+        segmentor, card = load_segmentor(base)  # keep improving a fine-tuned model, head included
+        if args.timestep is not None:
+            segmentor.timestep = args.timestep
+        return segmentor, card, base
+    segmentor = _new_segmentor(card, args)
+    if args.strategy != "fs":  # fs keeps only the base's architecture
+        unet, _ = load_unet(base)
+        segmentor.load_pretrained(unet.state_dict())
+    return segmentor, card, base
+
+
+def _new_segmentor(card: ModelCard, args: argparse.Namespace) -> Segmentor:
+    width = args.head or DEFAULT_HEAD_WIDTH.get(card.preset or "", 64)
+    timestep = args.timestep if args.timestep is not None else 0
+    if not 0 <= timestep < GaussianDiffusion.from_dict(card.schedule).num_timesteps:
+        raise InputError(f"--timestep {timestep}: must lie within the model's diffusion steps (0-{card.schedule.get('num_timesteps', 1000) - 1})")
+    return Segmentor(card.unet, width, timestep=timestep)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    if len(args.image) != len(args.labels):
+        raise InputError(f"got {len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
+    output = Path(args.output).expanduser()
+    if output.exists() and not (output / "model.json").exists() and (not output.is_dir() or any(output.iterdir())):
+        raise InputError(f"{output}: exists and is not a DiffusionSeg model folder; choose another output path")
+    device = resolve_device(args.device)
+    segmentor, base_card, base_path = _base_segmentor(args)
+    spec = base_card.preprocessing
+
+    pairs, data = [], []
+    for image_path, labels_path in zip(args.image, args.labels):
+        ct = read_ct(image_path)
+        labels = read_labels(labels_path, ct)
+        pairs.append((ct, labels))
+        data.append({"image": str(Path(image_path).resolve()), "labels": str(Path(labels_path).resolve())})
+    slices = training_slices(pairs, spec)
+    for number, entry in enumerate(data):
+        entry["annotated_slices"] = [index for n, index in slices.sources if n == number]
+        if not entry["annotated_slices"]:
+            raise InputError(f"{entry['labels']}: no annotated slice (no labelled voxel); paint at least one organ on one axial slice")
+
+    config = FinetuneConfig(
+        strategy=args.strategy,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        time_limit=args.time_limit,
+        seed=args.seed,
+        augment=AugmentConfig(enabled=not args.no_augment),
+    )
+    progress = Progress(args.progress)
+    progress.message(f"fine-tuning ({args.strategy}) on {len(slices.sources)} annotated slices, organs: {', '.join(slices.summary()['organs'])}; device {device}")
+    progress.start("finetune", config.iterations)
+    result = finetune(segmentor, slices.images, slices.labels, config, device, lambda _, loss: progress.advance(loss=loss))
+    progress.finish()
+
+    card = ModelCard(
+        kind="segmentor",
+        unet=base_card.unet,
+        preprocessing=spec,
+        schedule=base_card.schedule,
+        head={"width": segmentor.head.hidden, "layers": segmentor.head.num_layers},
+        strategy=args.strategy,
+        timestep=segmentor.timestep,
+        preset=base_card.preset,
+        name=args.name or output.name,
+        provenance={
+            "created": now_iso(),
+            "diffusionseg_version": __version__,
+            "base": None if base_path is None else {"path": str(base_path.resolve()), "name": base_card.name, "kind": base_card.kind},
+            "data": data,
+            "training_slices": slices.summary(),
+            "iterations": result.iterations,
+            "stopped_by": result.stopped_by,
+            "final_loss": result.final_loss,
+            "seconds": round(result.seconds, 1),
+            "device": str(device),
+            "config": config.to_dict(),
+            "metrics": {},
+        },
+    )
+    save_model(output, card, segmentor.state_dict())
+    progress.message(f"wrote {output} ({result.iterations} iterations, final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    ref = read_labels(args.ref, None)
+    pred = read_labels(args.pred, ref)
+    import SimpleITK as sitk  # noqa: PLC0415 - only this command needs the arrays
+
+    metrics = organ_overlap(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref))
+    metrics.update(pred=str(args.pred), ref=str(args.ref))
+    for name, m in metrics["organs"].items():
+        print(f"{name:22s} DSC {m['dsc']:.4f}  Jaccard {m['jaccard']:.4f}")
+    if metrics["mean_dsc"] is not None:
+        print(f"{'mean':22s} DSC {metrics['mean_dsc']:.4f}  Jaccard {metrics['mean_jaccard']:.4f}")
+    if args.json_out:
+        from .imageio import atomic_write_path  # noqa: PLC0415
+
+        with atomic_write_path(args.json_out) as tmp:
+            Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    infos = list_models()
+    if args.json:
+        print(json.dumps([{"name": i.name, "path": str(i.path), "kind": i.kind, "source": i.source, "card": i.card.to_dict()} for i in infos], indent=2))
+    elif not infos:
+        print("no models installed")
+    else:
+        for i in infos:
+            print(f"{i.name:30s} {i.kind:10s} {i.source:8s} {i.path}")
+    return 0
+
+
+COMMANDS = {"segment": cmd_segment, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "models": cmd_models}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_cpu_threads()
+    previous = signal.signal(signal.SIGTERM, _raise_cancelled)
+    started = time.monotonic()
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as e:
+        print(f"diffusionseg: error: {e}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except (KeyboardInterrupt, Cancelled):
+        print(f"diffusionseg: cancelled after {time.monotonic() - started:.0f} s; no output was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except torch.cuda.OutOfMemoryError:
+        print("diffusionseg: error: the GPU ran out of memory; retry with a smaller --batch-size or --device cpu", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

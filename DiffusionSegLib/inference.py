@@ -1,0 +1,65 @@
+"""Segmenting a whole CT volume: batched slices through the segmentor, results on the input grid."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .devices import autocast
+from .preprocessing import PreprocessingSpec, probabilities_to_image_space, to_model_space
+from .progress import Progress
+from .segmentor import Segmentor
+
+
+def predict_probabilities(
+    segmentor: Segmentor,
+    slices: np.ndarray,
+    device: torch.device,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Class probabilities of model-space slices (N x S x S) as uint8 (0-255), N x C x S x S.
+
+    uint8 keeps a 600-slice volume's 14 class maps at ~550 MB instead of 2.2 GB of float32, and the
+    rounding (1/255) does not change which class wins anywhere that matters.
+    """
+    segmentor.eval().to(device)
+    n = slices.shape[0]
+    size = slices.shape[1:]
+    out = np.empty((n, segmentor.num_classes, *size), dtype=np.uint8)
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            x = torch.from_numpy(slices[start:stop]).to(device, torch.float32)[:, None]
+            with autocast(device):
+                logits = segmentor(x)
+            probs = logits.float().softmax(dim=1).mul_(255).round_().to(torch.uint8)
+            out[start:stop] = probs.cpu().numpy()
+            if on_batch is not None:
+                on_batch(stop - start)
+    return out
+
+
+def segment_ct(
+    ct: sitk.Image,
+    segmentor: Segmentor,
+    spec: PreprocessingSpec,
+    device: torch.device,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> sitk.Image:
+    """A uint8 FLARE22 labelmap on exactly `ct`'s grid."""
+    progress = progress or Progress("none")
+    progress.start("preprocess", 1)
+    volume = to_model_space(ct, spec)
+    progress.advance()
+    progress.start("segment", volume.num_slices)
+    probabilities = predict_probabilities(segmentor, volume.slices, device, batch_size, progress.advance)
+    progress.start("postprocess", 1)
+    labelmap = probabilities_to_image_space(probabilities, volume)
+    progress.advance()
+    progress.finish()
+    return labelmap

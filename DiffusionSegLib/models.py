@@ -1,0 +1,260 @@
+"""Model folders: ``weights.safetensors`` + ``model.json``, bundled or per-user, found by name or path.
+
+Two kinds of model share the format:
+- ``pretrained``: a DDPM noise predictor (U-Net with its noise output layer), the base for fine-tuning;
+- ``segmentor``: backbone + segmentation head, used by ``diffusionseg segment``.
+
+Weights are only ever read with safetensors (never unpickled). A folder is written next to its final
+place and renamed into it, so a crash or cancel never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .diffusion import GaussianDiffusion
+from .errors import InputError
+from .organs import ORGANS
+from .preprocessing import PreprocessingSpec
+from .segmentor import Segmentor
+from .unet import UNetConfig, UNetModel
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+CARD_FILE = "model.json"
+KINDS = ("pretrained", "segmentor")
+
+# Names looked up when no model is given; a later release bundles models with these names.
+DEFAULT_SEGMENTOR = "flare22-segmentor"
+DEFAULT_PRETRAINED = "ddpm-pretrained"
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def user_models_dir() -> Path:
+    """Per-user model folder (platform conventions; ``DIFFUSIONSEG_HOME`` overrides, e.g. for tests)."""
+    home = os.environ.get("DIFFUSIONSEG_HOME")
+    base = Path(home) if home else Path(platformdirs.user_data_dir("DiffusionSeg", appauthor=False))
+    return base / "models"
+
+
+def label_table() -> list[dict]:
+    return [{"label": o.label, "name": o.name, "display_name": o.display_name, "color": list(o.color)} for o in ORGANS]
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild and use a model, plus where it came from (``model.json``)."""
+
+    kind: str
+    unet: UNetConfig
+    preprocessing: PreprocessingSpec
+    schedule: dict = field(default_factory=lambda: GaussianDiffusion().to_dict())
+    head: dict | None = None  # {"width": 128, "layers": 2} for segmentors
+    strategy: str | None = None
+    timestep: int = 0
+    preset: str | None = None
+    name: str = ""
+    labels: list[dict] = field(default_factory=label_table)
+    provenance: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "kind": self.kind,
+            "name": self.name,
+            "preset": self.preset,
+            "unet": self.unet.to_dict(),
+            "head": self.head,
+            "strategy": self.strategy,
+            "timestep": self.timestep,
+            "preprocessing": self.preprocessing.to_dict(),
+            "schedule": self.schedule,
+            "labels": self.labels,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelCard:
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format_version {d.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        if d.get("kind") not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {d.get('kind')!r}")
+        if d["kind"] == "segmentor" and not d.get("head"):
+            raise ValueError("a segmentor model needs a 'head' entry")
+        return cls(
+            kind=d["kind"],
+            unet=UNetConfig.from_dict(d["unet"]),
+            preprocessing=PreprocessingSpec.from_dict(d["preprocessing"]),
+            schedule=dict(d.get("schedule") or GaussianDiffusion().to_dict()),
+            head=d.get("head"),
+            strategy=d.get("strategy"),
+            timestep=int(d.get("timestep", 0)),
+            preset=d.get("preset"),
+            name=d.get("name", ""),
+            labels=list(d.get("labels") or label_table()),
+            provenance=dict(d.get("provenance") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: Path
+    kind: str
+    source: str  # "bundled" or "user"
+    card: ModelCard
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def save_model(folder: str | Path, card: ModelCard, state_dict: Mapping[str, torch.Tensor], *, half: bool = False) -> Path:
+    """Write a model folder atomically (replacing an existing one only once the new one is complete)."""
+    folder = Path(folder).expanduser().resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not (folder / CARD_FILE).exists() and any(folder.iterdir()):
+        raise InputError(f"{folder}: exists and is not a DiffusionSeg model folder; choose another output path")
+    card.name = card.name or folder.name
+    tensors = {
+        k: (v.detach().to("cpu", torch.float16 if half and v.is_floating_point() else v.dtype)).contiguous()
+        for k, v in state_dict.items()
+    }
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "kind": card.kind})
+        (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+        _replace_folder(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _replace_folder(new: Path, final: Path) -> None:
+    """Move `new` to `final`; an existing `final` is kept until the new one is in place."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_card(folder: str | Path) -> ModelCard:
+    folder = Path(folder)
+    path = folder / CARD_FILE
+    if not path.is_file():
+        raise InputError(f"{folder}: not a DiffusionSeg model folder (no {CARD_FILE}); pass a folder written by 'diffusionseg finetune' or a model name")
+    try:
+        return ModelCard.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise InputError(f"{path}: corrupt or unsupported model card ({e}); re-export or re-train the model") from e
+
+
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise InputError(f"{folder}: model folder has no {WEIGHTS_FILE}; re-export or re-train the model")
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path}: corrupt weights file ({e}); re-export or re-train the model") from e
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _check_fits(module: torch.nn.Module, state: Mapping[str, torch.Tensor], folder: Path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise InputError(f"{folder}: weights do not match model.json ({first}); the folder is inconsistent or corrupt") from e
+
+
+def load_segmentor(folder: str | Path) -> tuple[Segmentor, ModelCard]:
+    """A segmentor model, on the CPU, in eval mode."""
+    folder = Path(folder)
+    card = read_card(folder)
+    if card.kind != "segmentor":
+        raise InputError(f"{folder}: is a {card.kind} model, not a segmentation model; fine-tune it first with 'diffusionseg finetune --base {folder}'")
+    segmentor = Segmentor(card.unet, card.head["width"], card.head.get("layers", 2), card.timestep)
+    _check_fits(segmentor, read_weights(folder), folder)
+    return segmentor.eval(), card
+
+
+def load_unet(folder: str | Path) -> tuple[UNetModel, ModelCard]:
+    """A pretrained noise predictor, on the CPU, in eval mode."""
+    folder = Path(folder)
+    card = read_card(folder)
+    if card.kind != "pretrained":
+        raise InputError(f"{folder}: is a {card.kind} model, not a DDPM-pretrained noise predictor")
+    unet = UNetModel(card.unet)
+    _check_fits(unet, read_weights(folder), folder)
+    return unet.eval(), card
+
+
+def _is_model(folder: Path) -> bool:
+    return (folder / CARD_FILE).is_file()
+
+
+def list_models(kind: str | None = None) -> list[ModelInfo]:
+    """Bundled and user models (user models with the same name shadow bundled ones), sorted by name."""
+    found: dict[str, ModelInfo] = {}
+    for source, root in (("bundled", BUNDLED_DIR), ("user", user_models_dir())):
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_model(p)):
+            try:
+                card = read_card(folder)
+            except InputError:
+                continue  # a broken folder must not hide the others; resolving it by name reports why
+            if kind is None or card.kind == kind:
+                found[folder.name] = ModelInfo(folder.name, folder, card.kind, source, card)
+    return [found[name] for name in sorted(found)]
+
+
+def resolve_model(name_or_path: str | Path | None, kind: str) -> Path:
+    """The folder for a model given by path or name; None means the default model of `kind`."""
+    if name_or_path is None:
+        default = DEFAULT_SEGMENTOR if kind == "segmentor" else DEFAULT_PRETRAINED
+        for root in (user_models_dir(), BUNDLED_DIR):
+            if _is_model(root / default):
+                return root / default
+        if kind == "segmentor":
+            raise InputError(
+                "no segmentation model is installed: this release ships no trained model yet. "
+                "Fine-tune one with 'diffusionseg finetune --image CT --labels LABELS -o MODEL_DIR' "
+                "and pass '--model MODEL_DIR'"
+            )
+        raise InputError(
+            "no DDPM-pretrained model is installed: this release ships none yet. Pass '--base MODEL_DIR' "
+            "(e.g. one exported by 'diffusionseg-train export') or train from scratch with '--strategy fs --preset small'"
+        )
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{path}: a model is a folder holding {WEIGHTS_FILE} and {CARD_FILE}, not a file")
+        return path
+    for info in list_models():
+        if info.name == str(name_or_path):
+            return info.path
+    names = ", ".join(i.name for i in list_models(kind)) or "none installed"
+    raise InputError(f"{name_or_path}: no such model folder or model name (available {kind} models: {names})")
