@@ -1,0 +1,115 @@
+"""Fine-tuning mechanics: loss, augmentation, the loop, frozen parts stay frozen."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from phantom import make_phantom
+
+from DiffusionSegLib.annotations import annotated_input_slices, training_slices
+from DiffusionSegLib.finetune import AugmentConfig, FinetuneConfig, augment_batch, finetune, segmentation_loss
+from DiffusionSegLib.preprocessing import PreprocessingSpec
+from DiffusionSegLib.segmentor import Segmentor
+from DiffusionSegLib.unet import preset_config
+
+CPU = torch.device("cpu")
+
+
+def test_loss_is_small_for_a_confident_correct_prediction():
+    target = torch.randint(0, 14, (2, 16, 16))
+    logits = torch.nn.functional.one_hot(target, 14).permute(0, 3, 1, 2).float() * 30
+    config = FinetuneConfig()
+    assert segmentation_loss(logits, target, config) < 1e-3
+    wrong = segmentation_loss(-logits, target, config)
+    assert wrong > 1.0
+
+
+def test_loss_weights():
+    target = torch.randint(0, 14, (2, 8, 8))
+    logits = torch.randn(2, 14, 8, 8)
+    ce = torch.nn.functional.cross_entropy(logits, target)
+    only_dice = segmentation_loss(logits, target, FinetuneConfig(ce_weight=0.0))
+    both = segmentation_loss(logits, target, FinetuneConfig())
+    assert both.item() == pytest.approx(only_dice.item() + 0.5 * ce.item(), rel=1e-5)
+
+
+def test_augmentation_keeps_shapes_values_and_labels_aligned():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.zeros(4, 32, 32, dtype=torch.long)
+    labels[:, 8:24, 8:24] = 5
+    images = torch.where(labels == 5, 0.5, -0.5)[:, None].float()
+    x, y = augment_batch(images, labels, AugmentConfig(probability=1.0, intensity_scale=0, intensity_shift=0), g)
+    assert x.shape == images.shape and y.shape == labels.shape and y.dtype == torch.long
+    assert set(torch.unique(y).tolist()) <= {0, 5}
+    inside = x[:, 0][y == 5]
+    assert inside.mean() > 0.3  # the label moved with the image
+    assert not torch.equal(y, labels)
+    same = augment_batch(images, labels, AugmentConfig(enabled=False), g)
+    assert same[0] is images
+
+
+def phantom_slices(spec: PreprocessingSpec, count: int = 4):
+    ct, labels = make_phantom(size=(80, 72, 24), spacing=(5.0, 5.0, 8.0), seed=3)
+    full = training_slices([(ct, labels)], spec)
+    pick = np.linspace(0, len(full.sources) - 1, count).round().astype(int)
+    return full.images[pick], full.labels[pick]
+
+
+def test_annotated_slices_are_those_with_any_label():
+    ct, labels = make_phantom(size=(40, 40, 12), spacing=(8.0, 8.0, 15.0), seed=0)
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(labels)
+    array[:] = 0
+    array[[2, 7]] = 0
+    array[2, 10, 10] = 1
+    array[7, 20, 20:25] = 11
+    painted = sitk.GetImageFromArray(array)
+    painted.CopyInformation(labels)
+    assert annotated_input_slices(painted, 2) == [2, 7]
+    result = training_slices([(ct, painted)], PreprocessingSpec(size=64, spacing_mm=8.0))
+    assert [s for _, s in result.sources] == [2, 7]
+    assert result.summary()["organs"] == ["liver", "stomach"]
+
+
+@pytest.mark.parametrize("strategy", ["ft-dec", "lp", "fs"])
+def test_finetune_learns_and_freezes_what_it_should(strategy):
+    torch.manual_seed(0)
+    spec = PreprocessingSpec.for_size(64)
+    images, labels = phantom_slices(spec)
+    segmentor = Segmentor(preset_config("tiny"), head_width=32)
+    before = {k: v.clone() for k, v in segmentor.state_dict().items()}
+    config = FinetuneConfig(strategy=strategy, iterations=40, lr=1e-3, augment=AugmentConfig(enabled=False))
+    steps = []
+    result = finetune(segmentor, images, labels, config, CPU, on_step=lambda i, loss: steps.append(i))
+    assert steps == list(range(1, 41)) and result.iterations == 40
+    assert np.mean(result.losses[-5:]) < 0.8 * np.mean(result.losses[:5])
+    after = segmentor.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    encoder = {k for k in after if k.startswith(("unet.input_blocks", "unet.middle_block", "unet.time_embed"))}
+    decoder = {k for k in after if k.startswith("unet.output_blocks")}
+    assert any(k.startswith("head.") for k in changed)
+    assert bool(changed & encoder) == (strategy == "fs")
+    assert bool(changed & decoder) == (strategy != "lp")
+
+
+def test_time_limit_stops_early():
+    spec = PreprocessingSpec.for_size(64)
+    images, labels = phantom_slices(spec, count=2)
+    segmentor = Segmentor(preset_config("tiny"), head_width=32)
+    result = finetune(segmentor, images, labels, FinetuneConfig(iterations=10_000, time_limit=0.5), CPU)
+    assert result.stopped_by == "time-limit" and result.iterations < 10_000
+
+
+def test_cancel_from_callback_propagates():
+    spec = PreprocessingSpec.for_size(64)
+    images, labels = phantom_slices(spec, count=2)
+    segmentor = Segmentor(preset_config("tiny"), head_width=32)
+
+    def cancel(iteration, loss):
+        if iteration == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(segmentor, images, labels, FinetuneConfig(iterations=100), CPU, on_step=cancel)

@@ -1,0 +1,83 @@
+"""Segmentor head, strategies (what is frozen) and optimiser groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from DiffusionSegLib.segmentor import DEFAULT_HEAD_WIDTH, Segmentor
+from DiffusionSegLib.unet import UNetModel, preset_config
+
+
+@pytest.fixture
+def segmentor() -> Segmentor:
+    torch.manual_seed(0)
+    return Segmentor(preset_config("tiny"), head_width=32)
+
+
+def trainable(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def test_output_shape_and_head_not_zero(segmentor):
+    logits = segmentor(torch.randn(2, 1, 64, 64))
+    assert logits.shape == (2, 14, 64, 64)
+    assert segmentor.head.layers[-1].weight.abs().sum() > 0
+    assert logits.std() > 0  # a zero-initialised head would give every class the same logit
+    assert not hasattr(segmentor.unet, "out")  # the noise output layer is gone, not merely unused
+
+
+@pytest.mark.parametrize(
+    "strategy, encoder, decoder",
+    [("ft-dec", False, True), ("lp", False, False), ("fs", True, True)],
+)
+def test_strategy_freezing(segmentor, strategy, encoder, decoder):
+    segmentor.configure_strategy(strategy)
+    for module in segmentor.encoder_modules():
+        assert trainable(module) == encoder
+    assert trainable(segmentor.unet.output_blocks) == decoder
+    assert all(p.requires_grad for p in segmentor.head.parameters())
+
+
+def test_unknown_strategy(segmentor):
+    with pytest.raises(ValueError, match="unknown strategy"):
+        segmentor.configure_strategy("ft-all")
+
+
+def test_parameter_groups_follow_the_method(segmentor):
+    segmentor.configure_strategy("ft-dec")
+    groups = {g["name"]: g for g in segmentor.parameter_groups(1e-4, 1e-4, 10.0, 1e-3)}
+    assert groups["head"]["lr"] == pytest.approx(1e-3) and groups["head"]["weight_decay"] == 1e-3
+    assert groups["backbone"]["lr"] == pytest.approx(1e-4) and groups["backbone"]["weight_decay"] == 1e-4
+    n_backbone = sum(p.numel() for p in groups["backbone"]["params"])
+    assert n_backbone == sum(p.numel() for p in segmentor.unet.output_blocks.parameters())
+    segmentor.configure_strategy("lp")
+    assert [g["name"] for g in segmentor.parameter_groups(1e-4, 1e-4, 10.0, 1e-3)] == ["head"]
+
+
+def test_load_pretrained_copies_backbone(segmentor):
+    torch.manual_seed(1)
+    unet = UNetModel(preset_config("tiny"))
+    segmentor.load_pretrained(unet.state_dict())
+    for name, tensor in segmentor.unet.state_dict().items():
+        assert torch.equal(tensor, unet.state_dict()[name])
+    with pytest.raises(ValueError, match="do not fit"):
+        segmentor.load_pretrained(UNetModel(preset_config("small")).state_dict())
+
+
+def test_timestep_changes_features():
+    torch.manual_seed(0)
+    a = Segmentor(preset_config("tiny"), head_width=32, timestep=0)
+    b = Segmentor(preset_config("tiny"), head_width=32, timestep=200)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 1, 64, 64)
+    # Zero-initialised ADM convs hide the timestep at init; perturb them so the test can see it.
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b.load_state_dict(a.state_dict())
+    assert not torch.allclose(a(x), b(x))
+
+
+def test_default_head_widths():
+    assert DEFAULT_HEAD_WIDTH["b"] == 128 and DEFAULT_HEAD_WIDTH["l"] == 256
