@@ -103,13 +103,12 @@ def _raise_cancelled(signum: int, frame: object) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    # Everything the user gave is checked before the first progress line.
     output = check_output_path(args.output)
     device = resolve_device(args.device)
     segmentor, card = load_segmentor(resolve_model(args.model, "segmentor"))
-    progress = Progress(args.progress)
-    progress.start("read", 1)
     ct = read_ct(args.image)
-    progress.advance()
+    progress = Progress(args.progress)
     labelmap = segment_ct(ct, segmentor, card.preprocessing, device, args.batch_size, progress)
     progress.start("write", 1)
     write_labelmap(labelmap, output)

@@ -94,7 +94,10 @@ class Segmentor(nn.Module):
     def load_pretrained(self, unet_state: dict[str, torch.Tensor]) -> None:
         """Copy a pretrained noise predictor's weights into the backbone, dropping its output layer."""
         backbone = {k: v for k, v in unet_state.items() if not k.startswith("out.")}
-        missing, unexpected = self.unet.load_state_dict(backbone, strict=False)
+        try:
+            missing, unexpected = self.unet.load_state_dict(backbone, strict=False)
+        except RuntimeError as e:  # shape mismatches raise even when not strict
+            raise ValueError(f"pretrained weights do not fit the backbone: {str(e).splitlines()[0]}") from e
         if missing or unexpected:
             raise ValueError(
                 f"pretrained weights do not fit the backbone: {len(missing)} missing "

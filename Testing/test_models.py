@@ -24,11 +24,11 @@ from DiffusionSegLib.unet import preset_config
 
 
 def segmentor_card(**kw) -> ModelCard:
-    config = preset_config("tiny")
-    return ModelCard(
-        kind="segmentor", unet=config, preprocessing=PreprocessingSpec.for_size(64), head={"width": 32, "layers": 2},
-        strategy="ft-dec", timestep=0, preset="tiny", **kw,
+    fields = dict(
+        kind="segmentor", unet=preset_config("tiny"), preprocessing=PreprocessingSpec.for_size(64), head={"width": 32, "layers": 2},
+        strategy="ft-dec", timestep=0, preset="tiny",
     )
+    return ModelCard(**{**fields, **kw})
 
 
 def test_save_and_load_segmentor(tmp_path):
