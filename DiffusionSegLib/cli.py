@@ -161,7 +161,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     spec = base_card.preprocessing
 
     pairs, data = [], []
-    for image_path, labels_path in zip(args.image, args.labels):
+    for image_path, labels_path in zip(args.image, args.labels, strict=True):
         ct = read_ct(image_path)
         labels = read_labels(labels_path, ct)
         pairs.append((ct, labels))
@@ -182,7 +182,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         augment=AugmentConfig(enabled=not args.no_augment),
     )
     progress = Progress(args.progress)
-    progress.message(f"fine-tuning ({args.strategy}) on {len(slices.sources)} annotated slices, organs: {', '.join(slices.summary()['organs'])}; device {device}")
+    organs = ", ".join(slices.summary()["organs"])
+    progress.message(f"fine-tuning ({args.strategy}) on {len(slices.sources)} annotated slices, organs: {organs}; device {device}")
     progress.start("finetune", config.iterations)
     result = finetune(segmentor, slices.images, slices.labels, config, device, lambda _, loss: progress.advance(loss=loss))
     progress.finish()
