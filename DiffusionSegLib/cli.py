@@ -22,7 +22,7 @@ from .annotations import training_slices
 from .devices import DEVICES, configure_cpu_threads, resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import Cancelled, InputError
-from .finetune import AugmentConfig, FinetuneConfig, finetune
+from .finetune import FinetuneConfig, finetune
 from .imageio import check_output_path, read_ct, read_labels, write_labelmap
 from .inference import segment_ct
 from .metrics import organ_overlap
@@ -78,12 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--strategy", choices=STRATEGIES, default="ft-dec", help="ft-dec: encoder frozen (default); lp: head only; fs: from scratch")
     ft.add_argument("--preset", choices=sorted(PRESETS), help="architecture for --strategy fs without --base (default small)")
     ft.add_argument("--head", type=_head_width, help="head hidden width, e.g. h128 or h256 (default by preset)")
-    ft.add_argument("--iterations", type=_positive_int, default=FinetuneConfig.iterations)
-    ft.add_argument("--batch-size", type=_positive_int, default=FinetuneConfig.batch_size)
-    ft.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="backbone learning rate; the head uses 10x")
+    ft.add_argument("--config", help="JSON file of fine-tuning settings (loss weights, optimiser, augmentation); flags override it")
+    ft.add_argument("--iterations", type=_positive_int, help=f"training iterations (default {FinetuneConfig.iterations})")
+    ft.add_argument("--batch-size", type=_positive_int, help=f"slices per iteration (default {FinetuneConfig.batch_size})")
+    ft.add_argument("--lr", type=float, help=f"backbone learning rate; the head uses 10x (default {FinetuneConfig.lr:g})")
     ft.add_argument("--time-limit", type=float, help="stop after this many seconds of training")
     ft.add_argument("--timestep", type=int, help="diffusion timestep fed to the network (default 0)")
-    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--seed", type=int, help="random seed (default 0)")
     ft.add_argument("--no-augment", action="store_true", help="train without affine and intensity augmentation")
     ft.add_argument("--name", help="model name recorded in model.json (default: the folder name)")
     common(ft)
@@ -150,12 +151,31 @@ def _new_segmentor(card: ModelCard, args: argparse.Namespace) -> Segmentor:
     return Segmentor(card.unet, width, timestep=timestep)
 
 
+def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    """Defaults, then the --config file, then explicit flags."""
+    settings: dict = {}
+    if args.config:
+        try:
+            settings = json.loads(Path(args.config).expanduser().read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{args.config}: cannot read fine-tuning settings ({e}); pass a JSON object of settings") from e
+    flags = {"iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr, "time_limit": args.time_limit, "seed": args.seed}
+    settings.update({k: v for k, v in flags.items() if v is not None}, strategy=args.strategy)
+    if args.no_augment:
+        settings["augment"] = {**settings.get("augment", {}), "enabled": False}
+    try:
+        return FinetuneConfig.from_dict(settings)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{args.config or 'fine-tuning settings'}: {e}") from e
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     if len(args.image) != len(args.labels):
         raise InputError(f"got {len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
     output = Path(args.output).expanduser()
     if output.exists() and not (output / "model.json").exists() and (not output.is_dir() or any(output.iterdir())):
         raise InputError(f"{output}: exists and is not a DiffusionSeg model folder; choose another output path")
+    config = _finetune_config(args)
     device = resolve_device(args.device)
     segmentor, base_card, base_path = _base_segmentor(args)
     spec = base_card.preprocessing
@@ -172,15 +192,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if not entry["annotated_slices"]:
             raise InputError(f"{entry['labels']}: no annotated slice (no labelled voxel); paint at least one organ on one axial slice")
 
-    config = FinetuneConfig(
-        strategy=args.strategy,
-        iterations=args.iterations,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        time_limit=args.time_limit,
-        seed=args.seed,
-        augment=AugmentConfig(enabled=not args.no_augment),
-    )
     progress = Progress(args.progress)
     organs = ", ".join(slices.summary()["organs"])
     progress.message(f"fine-tuning ({args.strategy}) on {len(slices.sources)} annotated slices, organs: {organs}; device {device}")

@@ -55,6 +55,17 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        """Build from a (partial) dict, e.g. a JSON file; unknown keys are an error, not ignored."""
+        d = dict(d)
+        augment = d.pop("augment", {}) or {}
+        for given, known in ((d, cls.__dataclass_fields__), (augment, AugmentConfig.__dataclass_fields__)):
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                raise ValueError(f"unknown fine-tuning settings {unknown}; known: {sorted(known)}")
+        return cls(**d, augment=AugmentConfig(**augment))
+
 
 @dataclass
 class FinetuneResult:

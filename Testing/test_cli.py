@@ -261,3 +261,20 @@ def test_real_dicom_series_segment(fs_model, tmp_path, capsys):
     result = sitk.ReadImage(str(out))
     assert result.GetSize() == (512, 512, 41)
     assert same_geometry(result, read_ct(folder))
+
+
+def test_finetune_settings_file(phantom_files, tmp_path, capsys):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"iterations": 2, "ce_weight": 1.0, "augment": {"rotate_deg": 3.0}}))
+    out = tmp_path / "m"
+    code, _, err = run(["finetune", "--image", phantom_files["ct"], "--labels", phantom_files["labels"], "-o", out, "--strategy", "fs",
+                        "--preset", "tiny", "--config", settings, "--seed", "7", "--progress", "none"], capsys)
+    assert code == 0, err
+    config = json.loads((out / "model.json").read_text())["provenance"]["config"]
+    assert config["iterations"] == 2 and config["ce_weight"] == 1.0 and config["seed"] == 7
+    assert config["augment"]["rotate_deg"] == 3.0 and config["augment"]["enabled"] is True
+
+    settings.write_text(json.dumps({"iterations": 2, "augment": {"flip": True}}))
+    code, _, err = run(["finetune", "--image", phantom_files["ct"], "--labels", phantom_files["labels"], "-o", tmp_path / "m2",
+                        "--strategy", "fs", "--preset", "tiny", "--config", settings], capsys)
+    assert code == 2 and "settings.json" in err and "flip" in err and not (tmp_path / "m2").exists()
