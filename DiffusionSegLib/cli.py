@@ -26,7 +26,7 @@ from .finetune import FinetuneConfig, finetune
 from .imageio import check_output_path, read_ct, read_labels, write_labelmap
 from .inference import segment_ct
 from .metrics import organ_overlap
-from .models import ModelCard, list_models, load_segmentor, load_unet, now_iso, read_card, resolve_model, save_model
+from .models import ModelCard, list_models, load_segmentor, load_unet, now_iso, read_card, resolve_model, save_model, user_models_dir
 from .preprocessing import PreprocessingSpec
 from .progress import MODES, Progress
 from .segmentor import DEFAULT_HEAD_WIDTH, STRATEGIES, Segmentor
@@ -252,11 +252,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     infos = list_models()
     if args.json:
         print(json.dumps([{"name": i.name, "path": str(i.path), "kind": i.kind, "source": i.source, "card": i.card.to_dict()} for i in infos], indent=2))
-    elif not infos:
-        print("no models installed")
     else:
         for i in infos:
             print(f"{i.name:30s} {i.kind:10s} {i.source:8s} {i.path}")
+        print(f"{len(infos) or 'no'} models; your models folder: {user_models_dir()}")
     return 0
 
 

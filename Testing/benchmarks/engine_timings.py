@@ -75,7 +75,8 @@ def main() -> None:
     for name, n in results["parameters"].items():
         print(f"  parameters {name:6s} {n / 1e6:8.2f} M")
     s = results["segment"]
-    print(f"  segment ({args.preset}, {s['size']}px): {s['seconds_per_slice']:.3f} s/slice network, preprocess {s['preprocess_s']:.2f} s for {args.slices} slices")
+    print(f"  segment ({args.preset}, {s['size']}px): {s['seconds_per_slice']:.3f} s/slice network, "
+          f"preprocess {s['preprocess_s']:.2f} s for {args.slices} slices")
     for strategy, f in results["finetune"].items():
         print(f"  finetune {strategy:6s} ({args.preset}, 4 slices): {f['seconds_per_iteration']:.2f} s/iteration")
     if args.json:
