@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import SimpleITK as sitk
 import torch
 
 from . import __version__
@@ -23,7 +24,7 @@ from .devices import DEVICES, configure_cpu_threads, resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import Cancelled, InputError
 from .finetune import FinetuneConfig, finetune
-from .imageio import check_output_path, read_ct, read_labels, write_labelmap
+from .imageio import atomic_write_path, check_output_path, read_ct, read_labels, write_labelmap
 from .inference import segment_ct
 from .metrics import organ_overlap
 from .models import ModelCard, list_models, load_segmentor, load_unet, now_iso, read_card, resolve_model, save_model, user_models_dir
@@ -232,8 +233,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     ref = read_labels(args.ref, None)
     pred = read_labels(args.pred, ref)
-    import SimpleITK as sitk  # noqa: PLC0415 - only this command needs the arrays
-
     metrics = organ_overlap(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref))
     metrics.update(pred=str(args.pred), ref=str(args.ref))
     for name, m in metrics["organs"].items():
@@ -241,8 +240,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if metrics["mean_dsc"] is not None:
         print(f"{'mean':22s} DSC {metrics['mean_dsc']:.4f}  Jaccard {metrics['mean_jaccard']:.4f}")
     if args.json_out:
-        from .imageio import atomic_write_path  # noqa: PLC0415
-
         with atomic_write_path(args.json_out) as tmp:
             Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return 0
