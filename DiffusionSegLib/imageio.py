@@ -66,29 +66,45 @@ def atomic_write_path(path: str | Path) -> Iterator[Path]:
 # --- reading --------------------------------------------------------------------------------------------
 
 
-def _dicom_series(folder: Path) -> list[str]:
-    """File names of the largest DICOM series in `folder` (searched recursively)."""
+def dicom_series(folder: Path) -> dict[str, list[str]]:
+    """DICOM series in `folder` (searched recursively): series instance UID -> its files in slice order."""
     series: dict[str, list[str]] = {}
-    for root in [folder, *(p for p in sorted(folder.rglob("*")) if p.is_dir())]:
-        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(root)) or ():
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(root), uid)
-            if len(files) > len(series.get(uid, ())):
-                series[uid] = list(files)
+    # ITK warns on stderr for every folder without DICOM files; that is expected while searching.
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        for root in [folder, *(p for p in sorted(folder.rglob("*")) if p.is_dir())]:
+            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(root)) or ():
+                files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(root), uid)
+                if len(files) > len(series.get(uid, ())):
+                    series[uid] = list(files)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
+    return series
+
+
+def _series_files(folder: Path, series_uid: str | None) -> list[str]:
+    """The files of one series: the requested one, or the largest."""
+    series = dicom_series(folder)
     if not series:
         raise InputError(f"{folder}: folder holds no DICOM series; pass a DICOM series folder or an image file (NIfTI, NRRD, MHA)")
+    if series_uid is not None:
+        if series_uid not in series:
+            raise InputError(f"{folder}: no DICOM series {series_uid} (found {', '.join(series)})")
+        return series[series_uid]
     uid, files = max(series.items(), key=lambda item: len(item[1]))
     if len(series) > 1:
         warnings.warn(f"{folder}: {len(series)} DICOM series found; using {uid} ({len(files)} slices), the largest", stacklevel=3)
     return files
 
 
-def _read_image(path: Path) -> sitk.Image:
+def _read_image(path: Path, series_uid: str | None = None) -> sitk.Image:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(_dicom_series(path))
+            reader.SetFileNames(_series_files(path, series_uid))
             return reader.Execute()
         return sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -104,10 +120,13 @@ def _check_volume(image: sitk.Image, path: Path) -> None:
         raise InputError(f"{path}: is not a 3D volume (size {' x '.join(map(str, size))}); pass the whole CT series, not a single slice")
 
 
-def read_ct(path: str | Path) -> sitk.Image:
-    """A CT in Hounsfield units as a float32 3D image, from a file or a DICOM series folder."""
+def read_ct(path: str | Path, series_uid: str | None = None) -> sitk.Image:
+    """A CT in Hounsfield units as a float32 3D image, from a file or a DICOM series folder.
+
+    In a folder with several series, `series_uid` picks one; by default the largest is read.
+    """
     path = Path(path).expanduser()
-    image = _read_image(path)
+    image = _read_image(path, series_uid)
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:  # some converters add a time axis of 1
         image = image[:, :, :, 0]
     _check_volume(image, path)
