@@ -1,0 +1,309 @@
+"""`pretrain`: DDPM pretraining of the U-Net noise predictor on the slice dataset.
+
+The method's recipe by default: 1000 diffusion steps, Adam, learning rate decaying linearly from 2e-4
+to 2e-5, EMA 0.9999, random horizontal flips. One command for one CPU, one GPU or many (``torchrun``:
+DistributedDataParallel, a distributed sampler, rank 0 logs and saves). SIGTERM/SIGINT save a
+checkpoint at the end of the current step and exit, so a preempted job resumes with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from DiffusionSegLib.diffusion import GaussianDiffusion
+from DiffusionSegLib.errors import InputError
+from DiffusionSegLib.unet import PRESETS, UNetModel, count_parameters, preset_config
+
+from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from .samples import save_sample_grid
+from .shards import SliceDataset
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "small"
+    iterations: int = 300_000
+    batch_size: int = 16  # per process
+    lr: float = 2e-4
+    lr_final: float = 2e-5  # reached linearly at the last iteration
+    ema_decay: float = 0.9999
+    schedule: str = "cosine"
+    num_timesteps: int = 1000
+    hflip: bool = True
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    sample_every: int = 10_000  # 0 disables preview grids
+    sample_count: int = 16
+    sample_steps: int = 50
+    log_every: int = 50
+    workers: int = 4
+    seed: int = 0
+    bf16: bool = True  # on CUDA with bf16 support; ignored elsewhere
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpoint: bool = False
+    fused_adam: bool = True  # where the device supports it
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PretrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"unknown pretraining settings {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def lr_at(step: int, config: PretrainConfig) -> float:
+    fraction = min(step / max(config.iterations - 1, 1), 1.0)
+    return config.lr + (config.lr_final - config.lr) * fraction
+
+
+@torch.no_grad()
+def update_ema(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * params, as one fused foreach op."""
+    torch._foreach_lerp_(ema, params, 1.0 - decay)
+
+
+class Preemption:
+    """Turns SIGTERM/SIGINT into a flag checked between steps (a checkpoint is then saved)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> Preemption:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Distributed:
+    """torchrun sets RANK/WORLD_SIZE; NCCL on GPUs, gloo on the CPU."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return Distributed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    env = Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    return env
+
+
+def _device(env: Distributed) -> torch.device:
+    return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _check_data(data: Path, config: PretrainConfig) -> SliceDataset:
+    try:
+        dataset = SliceDataset(data)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(str(e)) from e
+    if len(dataset) == 0:
+        raise InputError(f"{data}: the slice dataset is empty ({len(dataset.index.skipped)} inputs skipped; see report.json)")
+    if config.preset not in PRESETS:
+        raise InputError(f"--preset {config.preset}: unknown; choose one of {', '.join(sorted(PRESETS))}")
+    size = dataset.index.spec.size
+    try:
+        preset_config(config.preset, size)
+    except ValueError as e:
+        raise InputError(f"--preset {config.preset} cannot run at the dataset's slice size {size}: {e}") from e
+    return dataset
+
+
+def _check_resume(run_dir: Path, config: PretrainConfig, resume: bool) -> Path | None:
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        return None
+    if not resume:
+        raise InputError(f"{run_dir}: already holds checkpoints (latest {latest.name}); pass --resume to continue, or choose a new --out")
+    saved = json.loads((latest / "state.json").read_text())["config"]
+    if saved["preset"] != config.preset:
+        raise InputError(f"{run_dir}: was trained with preset {saved['preset']}; resuming with --preset {config.preset} is not possible")
+    return latest
+
+
+class MetricsLog:
+    """metrics.jsonl (always) and TensorBoard (if installed), rank 0 only."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        except Exception:  # noqa: BLE001 - TensorBoard is optional
+            self.tensorboard = None
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def pretrain(data: str | Path, run_dir: str | Path, config: PretrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
+    """Train (or continue training) a noise predictor; returns a summary of the run."""
+    data, run_dir = Path(data), Path(run_dir)
+    env = setup_distributed()
+    try:
+        return _train(data, run_dir, config, resume, show_progress, env)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show_progress: bool, env: Distributed) -> dict:
+    dataset = _check_data(data, config)
+    latest = _check_resume(run_dir, config, resume)
+    device = _device(env)
+    torch.manual_seed(config.seed + env.rank)
+    unet_config = preset_config(config.preset, dataset.index.spec.size)
+    model = UNetModel(unet_config).to(device)
+    model.use_checkpoint = config.grad_checkpoint
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    fused = config.fused_adam and device.type == "cuda"
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused or None)
+    diffusion = GaussianDiffusion(config.schedule, config.num_timesteps)
+    step, history = 0, {"seconds": 0.0}
+    if latest is not None:
+        saved = load_checkpoint(latest)
+        model.load_state_dict(saved.model)
+        ema.load_state_dict(saved.ema)
+        optimizer.load_state_dict(saved.optimizer)
+        step, history = saved.step, saved.state.get("history", history)
+        torch.manual_seed(config.seed + env.rank + step)  # fresh noise after resuming, different per rank
+
+    wrapped = DistributedDataParallel(model) if env.world_size > 1 else model
+    forward = torch.compile(wrapped) if config.compile else wrapped
+    sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=config.seed, drop_last=True)
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
+    )
+    if len(loader) == 0:
+        raise InputError(f"{data}: {len(dataset)} slices are fewer than one batch of {config.batch_size} x {env.world_size} processes; lower --batch-size")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+
+    if env.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_dir) if env.main else None
+    if env.main:
+        (run_dir / "config.json").write_text(json.dumps({"config": asdict(config), "data": str(data.resolve()), "unet": unet_config.to_dict(),
+                                                          "parameters": count_parameters(model), "world_size": env.world_size}, indent=1) + "\n")
+    bar = tqdm(total=config.iterations, initial=step, desc="pretrain", disable=not (show_progress and env.main), dynamic_ncols=True)
+    epoch = step // len(loader)
+    skip = step % len(loader)  # resume mid-epoch on the same data order
+    last_loss, window_start, window_images = math.nan, time.monotonic(), 0
+    stopped_by = "iterations"
+
+    def checkpoint() -> None:
+        if env.main:
+            state = {"config": asdict(config), "unet": unet_config.to_dict(), "schedule": diffusion.to_dict(), "data": str(data.resolve()),
+                     "preprocessing": dataset.index.spec.to_dict(), "history": history, "final_loss": last_loss}
+            save_checkpoint(run_dir / "checkpoints", Checkpoint(step, model.state_dict(), ema.state_dict(), optimizer.state_dict(), state),
+                            config.keep_checkpoints)
+        if env.world_size > 1:
+            dist.barrier()
+
+    with Preemption() as preemption:
+        while step < config.iterations and stopped_by == "iterations":
+            sampler.set_epoch(epoch)
+            for i, x0 in enumerate(loader):
+                if i < skip:
+                    continue
+                x0 = x0.to(device, non_blocking=True)
+                if config.hflip:
+                    flip = torch.rand(x0.shape[0], device=device) < 0.5
+                    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+                if config.channels_last:
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, config)
+                with autocast:
+                    loss = diffusion.training_loss(forward, x0)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                update_ema(ema_params, params, config.ema_decay)
+                step += 1
+                last_loss = float(loss.detach())
+                window_images += x0.shape[0] * env.world_size
+                bar.update()
+                if env.main and (step % config.log_every == 0 or step == config.iterations):
+                    elapsed = time.monotonic() - window_start
+                    history["seconds"] += elapsed
+                    log.write({"step": step, "loss": last_loss, "lr": lr_at(step - 1, config), "images_per_s": window_images / elapsed,
+                               "time": time.time()})
+                    bar.set_postfix(loss=f"{last_loss:.4f}")
+                    window_start, window_images = time.monotonic(), 0
+                if config.sample_every and step % config.sample_every == 0 and env.main:
+                    save_sample_grid(ema, diffusion, run_dir / "samples" / f"step-{step:08d}.png", config.sample_count, config.sample_steps, device)
+                stop = _agree(preemption.requested, env, device)
+                if step % config.checkpoint_every == 0 or step == config.iterations or stop:
+                    checkpoint()
+                if stop:
+                    stopped_by = "signal"
+                    break
+                if step >= config.iterations:
+                    break
+            epoch, skip = epoch + 1, 0
+    bar.close()
+    if log is not None:
+        log.close()
+    return {"step": step, "stopped_by": stopped_by, "final_loss": last_loss}
+
+
+def _agree(flag: bool, env: Distributed, device: torch.device) -> bool:
+    """True on every rank if any rank was asked to stop, so all ranks stop at the same step."""
+    if env.world_size == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+with contextlib.suppress(Exception):  # speed up fp32 matmuls on Ampere+ without changing results materially
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
