@@ -1,0 +1,175 @@
+"""Training pipeline at small scale: prepare, pretrain (kill, resume, torchrun), sample, export, finetune."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import SHARED_DATA
+from phantom import make_phantom, write_dicom_series
+
+from DiffusionSegLib.cli import main as diffusionseg
+from DiffusionSegLib.models import load_unet
+from Training.checkpoint import Checkpoint, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from Training.cli import main as train
+from Training.pretrain import PretrainConfig, lr_at
+from Training.shards import SliceDataset, read_index
+
+FAST = ["--preset", "tiny", "--batch-size", "4", "--workers", "0", "--log-every", "5", "--sample-every", "0", "--no-progress"]
+
+
+def unlabeled_inputs(tmp_path_factory) -> list[Path]:
+    """The real unlabeled CT when present (a DICOM series among it), else phantoms (one as DICOM) plus a bad file."""
+    if (SHARED_DATA / "unlabeled").is_dir():
+        return [SHARED_DATA / "unlabeled"]
+    folder = tmp_path_factory.mktemp("unlabeled")
+    ct, _ = make_phantom(size=(64, 64, 12), spacing=(6.0, 6.0, 10.0), seed=1)
+    sitk.WriteImage(ct, str(folder / "a.nii.gz"))
+    write_dicom_series(make_phantom(size=(64, 64, 10), spacing=(6.0, 6.0, 10.0), seed=2)[0], folder / "dicom")
+    return [folder]
+
+
+@pytest.fixture(scope="module")
+def slices_dir(tmp_path_factory) -> Path:
+    inputs = unlabeled_inputs(tmp_path_factory)
+    extra = tmp_path_factory.mktemp("bad")
+    (extra / "broken.nii.gz").write_bytes(b"not an image")
+    out = tmp_path_factory.mktemp("slices") / "slices"
+    assert train(["prepare", *map(str, inputs), str(extra), "-o", str(out), "--size", "64", "--workers", "2"]) == 0
+    return out
+
+
+def test_prepare_writes_shards_index_and_skip_report(slices_dir):
+    index = read_index(slices_dir)
+    assert index.spec.size == 64 and index.num_slices >= 20
+    assert any("#series=" in v["source"] for v in index.volumes)  # the DICOM series was found
+    assert [Path(s["source"]).name for s in index.skipped] == ["broken.nii.gz"]
+    assert "cannot be read" in index.skipped[0]["reason"]
+    dataset = SliceDataset(slices_dir)
+    assert len(dataset) == index.num_slices
+    x = dataset[len(dataset) - 1]
+    assert x.shape == (1, 64, 64) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+    assert np.load(slices_dir / index.volumes[0]["shard"], mmap_mode="r").dtype == np.float16
+
+
+def test_prepare_resumes_without_redoing_work(slices_dir, tmp_path):
+    before = {p.name: p.stat().st_mtime_ns for p in slices_dir.glob("*.npy")}
+    index = read_index(slices_dir)
+    assert train(["prepare", *{str(Path(v["source"].split("#series=")[0]).parent) for v in index.volumes}, "-o", str(slices_dir),
+                  "--size", "64"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in slices_dir.glob("*.npy")} == before
+    assert train(["prepare", str(tmp_path), "-o", str(slices_dir), "--size", "128"]) == 2  # another preprocessing
+
+
+def test_lr_decays_from_2e4_to_2e5():
+    config = PretrainConfig(iterations=101)
+    assert lr_at(0, config) == pytest.approx(2e-4) and lr_at(100, config) == pytest.approx(2e-5)
+    assert PretrainConfig().ema_decay == 0.9999 and PretrainConfig().schedule == "cosine" and PretrainConfig().hflip
+
+
+def test_bad_configuration_fails_at_once(slices_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    train(["prepare", str(tmp_path / "nothing"), "-o", str(empty), "--size", "64"])
+    assert train(["pretrain", "--data", str(empty), "--out", str(tmp_path / "r"), *FAST, "--iterations", "2"]) == 2
+    assert "empty" in capsys.readouterr().err
+    odd = tmp_path / "odd"  # 48-pixel slices cannot pass the 5 downsamplings of the 256-style presets
+    sitk.WriteImage(make_phantom(size=(32, 32, 4), spacing=(8.0, 8.0, 10.0))[0], str(tmp_path / "p.nii.gz"))
+    train(["prepare", str(tmp_path / "p.nii.gz"), "-o", str(odd), "--size", "48"])
+    assert train(["pretrain", "--data", str(odd), "--out", str(tmp_path / "r"), "--preset", "small", "--iterations", "2", "--no-progress"]) == 2
+    assert "cannot run at the dataset's slice size 48" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("iterations: 3\nwarmup: 10\n")
+    assert train(["pretrain", "--data", str(slices_dir), "--out", str(tmp_path / "r"), "--config", str(tmp_path / "bad.yaml"), *FAST]) == 2
+    assert "warmup" in capsys.readouterr().err
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    model = {"w": torch.randn(3, 3)}
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.randn(3))])
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, Checkpoint(step, model, model, opt.state_dict(), {"config": {}}), keep=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+    # A save killed midway leaves a temporary folder, never a half checkpoint that looks complete.
+    (tmp_path / ".step-00000005.tmp-123").mkdir()
+    (tmp_path / ".step-00000005.tmp-123" / "model.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path).name == "step-00000004"
+    saved = load_checkpoint(latest_checkpoint(tmp_path))
+    fresh = torch.optim.Adam([torch.nn.Parameter(torch.randn(3))])
+    fresh.load_state_dict(saved.optimizer)
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while latest_checkpoint(run / "checkpoints") is None:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_pretrain_kill_resume_sample_export_finetune(slices_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "Training", "pretrain", "--data", str(slices_dir), "--out", str(run), *FAST,
+           "--iterations", "100000", "--checkpoint-every", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_checkpoint(run, proc)
+        proc.send_signal(signal.SIGTERM)  # preemption: checkpoint at the end of the step, then exit
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+    stopped = json.loads(proc.stdout.read().strip().splitlines()[-1])
+    assert stopped["stopped_by"] == "signal"
+    assert load_checkpoint(latest_checkpoint(run / "checkpoints"), restore_random_state=False).step == stopped["step"]
+
+    # A kill -9 during a later save must not hurt the last good checkpoint.
+    (run / "checkpoints" / f".step-{stopped['step'] + 1:08d}.tmp-999").mkdir()
+
+    target = stopped["step"] + 6
+    assert train(["pretrain", "--data", str(slices_dir), "--out", str(run), *FAST, "--iterations", str(target), "--resume"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps) and steps[-1] == target  # the loss curve continues
+    assert load_checkpoint(latest_checkpoint(run / "checkpoints"), restore_random_state=False).step == target
+
+    assert train(["sample", "--run", str(run), "-n", "3", "-o", str(tmp_path / "samples"), "--steps", "4"]) == 0
+    samples = np.load(tmp_path / "samples.npz")["samples"]
+    assert samples.shape == (3, 64, 64) and (tmp_path / "samples.png").stat().st_size > 0
+
+    model_dir = tmp_path / "pretrained"
+    assert train(["export", "--run", str(run), "-o", str(model_dir)]) == 0
+    unet, card = load_unet(model_dir)
+    assert card.provenance["iterations"] == target and card.schedule["schedule"] == "cosine"
+    assert card.provenance["weights"] == "EMA" and card.preprocessing.size == 64
+
+    ct, labels = make_phantom(size=(64, 64, 12), spacing=(6.0, 6.0, 10.0), seed=9)
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
+    assert diffusionseg(["finetune", "--image", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "labels.nii.gz"),
+                         "-o", str(tmp_path / "ft"), "--base", str(model_dir), "--iterations", "2", "--progress", "none"]) == 0
+
+
+@pytest.mark.skipif(not shutil.which("torchrun", path=os.path.dirname(sys.executable)), reason="torchrun not installed")
+def test_torchrun_two_processes_on_cpu(slices_dir, tmp_path):
+    run = tmp_path / "ddp"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "Training", "pretrain", "--data", str(slices_dir), "--out", str(run), *FAST,
+         "--iterations", "6", "--checkpoint-every", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step-00000003", "step-00000006"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["world_size"] == 2
