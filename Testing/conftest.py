@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
@@ -13,6 +14,16 @@ from DiffusionSegLib.preprocessing import PreprocessingSpec
 from DiffusionSegLib.unet import UNetModel, preset_config
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
+    """Same size, and spacing, origin and direction equal to float precision."""
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing())
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-5)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+    )
 
 
 def shared_data(*parts: str) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-from conftest import shared_data
+from conftest import same_geometry, shared_data
 from phantom import make_phantom, oblique_direction, write_dicom_series
 
 from DiffusionSegLib.cli import main
@@ -28,14 +28,6 @@ def run(args, capsys) -> tuple[int, str, str]:
     out, err = capsys.readouterr()
     return code, out, err
 
-
-def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing())
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-5)
-        and np.allclose(a.GetDirection(), b.GetDirection())
-    )
 
 
 def keep_slices(labels: sitk.Image, indices) -> sitk.Image:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-from conftest import shared_data
+from conftest import same_geometry, shared_data
 from phantom import FLIPPED_DIRECTION, make_phantom, oblique_direction
 
 from DiffusionSegLib.errors import InputError
@@ -17,14 +17,6 @@ from DiffusionSegLib.organs import ORGANS
 
 DIRECTIONS = {"identity": None, "flipped": FLIPPED_DIRECTION, "oblique": oblique_direction((20, 0, 25))}
 
-
-def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing())
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-5)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
-    )
 
 
 @pytest.fixture(params=list(DIRECTIONS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import shared_data
+from conftest import same_geometry, shared_data
 from phantom import FLIPPED_DIRECTION, make_phantom, oblique_direction
 
 from DiffusionSegLib.imageio import read_ct
@@ -31,14 +31,6 @@ SPEC = PreprocessingSpec(size=64, spacing_mm=5.0)
 def phantom(direction, size=(48, 48, 20), spacing=(5.0, 5.0, 8.0), noise_hu=15.0):
     return make_phantom(size=size, spacing=spacing, direction=direction, seed=1, noise_hu=noise_hu)
 
-
-def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing())
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-6)
-        and np.allclose(a.GetDirection(), b.GetDirection())
-    )
 
 
 def test_canonical_axes():
