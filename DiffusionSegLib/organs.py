@@ -1,124 +1,231 @@
-"""The FLARE22 label table: ids, names, display colours and SNOMED CT terminology as 3D Slicer uses it."""
+"""The FLARE22 label table: ids, names, display colours and SNOMED CT terminology as 3D Slicer uses it.
+
+Codes and colours come from Slicer's terminology file
+``Modules/Loadable/Terminologies/Resources/SegmentationCategoryTypeModifier-DICOM-Master.json``
+(identical in Slicer 5.2-5.8 and in the SlicerGeneralAnatomy list, which lacks the inferior vena cava).
+Slicer recommends no colour for the inferior vena cava; its colour is the one the SlicerTotalSegmentator
+extension's terminology (``SegmentationCategoryTypeModifier-TotalSegmentator.term.json``) gives it.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 NUM_CLASSES = 14  # background + 13 organs
 
-# Slicer's terminology context names (the "DICOM master list" is Slicer's default since 5.x).
+# Both lists are loaded by default in Slicer (since 4.x); the DICOM master list holds all 13 types.
 CATEGORY_CONTEXT = "Segmentation category and type - DICOM master list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
-ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
-RIGHT = ("SCT", "24028007", "Right")
-LEFT = ("SCT", "7771000", "Left")
 
-Code = tuple[str, str, str]  # coding scheme designator, code value, code meaning
+
+class Code(NamedTuple):
+    """A DICOM coded concept: coding scheme designator, code value, code meaning."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+
+ANATOMICAL_STRUCTURE = Code("SCT", "123037004", "Anatomical Structure")
+RIGHT = Code("SCT", "24028007", "Right")
+LEFT = Code("SCT", "7771000", "Left")
+# Old Slicer files write SNOMED as "SRT"; the numeric concept ids are the same.
+_SNOMED_SCHEMES = {"SCT", "SRT", "SNM3"}
 
 
 @dataclass(frozen=True)
 class Organ:
-    label: int
+    label: int  # FLARE22 id, 1-13
     name: str  # lower-case English, as in the FLARE22 table
     display_name: str  # segment name shown in Slicer
-    color: tuple[int, int, int]  # Slicer's recommended display colour, 0-255
-    type: Code
-    modifier: Code | None = None
-    aliases: tuple[str, ...] = ()
+    color: tuple[int, int, int]  # recommended display colour, 0-255
+    type: Code  # terminology type
+    modifier: Code | None = None  # terminology type modifier (side), kidneys and adrenal glands only
+    category: Code = ANATOMICAL_STRUCTURE
+    aliases: tuple[str, ...] = ()  # extra names (any case/separators) that mean this organ
 
     @property
     def color_float(self) -> tuple[float, float, float]:
-        return tuple(c / 255.0 for c in self.color)  # type: ignore[return-value]
+        """Colour as Slicer stores it in a .seg.nrrd (0-1)."""
+        r, g, b = (c / 255.0 for c in self.color)
+        return (r, g, b)
 
+
+_KIDNEY = Code("SCT", "64033007", "Kidney")
+_ADRENAL = Code("SCT", "23451007", "Adrenal gland")
 
 ORGANS: tuple[Organ, ...] = (
-    Organ(1, "liver", "Liver", (221, 130, 101), ("SCT", "10200004", "Liver")),
-    Organ(2, "right kidney", "Right kidney", (185, 102, 83), ("SCT", "64033007", "Kidney"), RIGHT, ("kidney right",)),
-    Organ(3, "spleen", "Spleen", (157, 108, 162), ("SCT", "78961009", "Spleen")),
-    Organ(4, "pancreas", "Pancreas", (249, 180, 111), ("SCT", "15776009", "Pancreas")),
-    Organ(5, "aorta", "Aorta", (224, 97, 76), ("SCT", "15825003", "Aorta")),
-    Organ(6, "inferior vena cava", "Inferior vena cava", (0, 151, 206), ("SCT", "64131007", "Inferior vena cava"), None, ("ivc",)),
-    Organ(7, "right adrenal gland", "Right adrenal gland", (249, 186, 150), ("SCT", "23451007", "Adrenal gland"), RIGHT,
-          ("adrenal gland right", "right adrenal", "rag")),
-    Organ(8, "left adrenal gland", "Left adrenal gland", (249, 186, 150), ("SCT", "23451007", "Adrenal gland"), LEFT,
-          ("adrenal gland left", "left adrenal", "lag")),
-    Organ(9, "gallbladder", "Gallbladder", (139, 150, 98), ("SCT", "28231008", "Gallbladder"), None, ("gall bladder",)),
-    Organ(10, "esophagus", "Esophagus", (211, 171, 143), ("SCT", "32849002", "Esophagus"), None, ("oesophagus",)),
-    Organ(11, "stomach", "Stomach", (216, 132, 105), ("SCT", "69695003", "Stomach")),
-    Organ(12, "duodenum", "Duodenum", (255, 253, 229), ("SCT", "38848004", "Duodenum")),
-    Organ(13, "left kidney", "Left kidney", (185, 102, 83), ("SCT", "64033007", "Kidney"), LEFT, ("kidney left",)),
+    Organ(1, "liver", "Liver", (221, 130, 101), Code("SCT", "10200004", "Liver"), aliases=("hepar",)),
+    Organ(2, "right kidney", "Right kidney", (185, 102, 83), _KIDNEY, RIGHT, aliases=("rk",)),
+    Organ(3, "spleen", "Spleen", (157, 108, 162), Code("SCT", "78961009", "Spleen"), aliases=("lien",)),
+    Organ(4, "pancreas", "Pancreas", (249, 180, 111), Code("SCT", "15776009", "Pancreas")),
+    Organ(5, "aorta", "Aorta", (224, 97, 76), Code("SCT", "15825003", "Aorta"), aliases=("abdominal aorta",)),
+    Organ(6, "inferior vena cava", "Inferior vena cava", (0, 151, 206), Code("SCT", "64131007", "Inferior vena cava"),
+          aliases=("ivc", "vena cava inferior", "postcava", "inf vena cava")),
+    Organ(7, "right adrenal gland", "Right adrenal gland", (249, 186, 150), _ADRENAL, RIGHT, aliases=("rag",)),
+    Organ(8, "left adrenal gland", "Left adrenal gland", (249, 186, 150), _ADRENAL, LEFT, aliases=("lag",)),
+    Organ(9, "gallbladder", "Gallbladder", (139, 150, 98), Code("SCT", "28231008", "Gallbladder"), aliases=("gall bladder", "gall")),
+    Organ(10, "esophagus", "Esophagus", (211, 171, 143), Code("SCT", "32849002", "Esophagus"), aliases=("oesophagus",)),
+    Organ(11, "stomach", "Stomach", (216, 132, 105), Code("SCT", "69695003", "Stomach")),
+    Organ(12, "duodenum", "Duodenum", (255, 253, 229), Code("SCT", "38848004", "Duodenum")),
+    Organ(13, "left kidney", "Left kidney", (185, 102, 83), _KIDNEY, LEFT, aliases=("lk",)),
 )
 
 _BY_LABEL = {o.label: o for o in ORGANS}
 
 
 def organ_by_label(label: int) -> Organ:
+    """The organ with FLARE22 id `label` (1-13); KeyError otherwise."""
     try:
         return _BY_LABEL[int(label)]
     except KeyError:
         raise KeyError(f"no organ has label {label}; FLARE22 labels are 1-13") from None
 
 
-def _code(code: Code | None) -> str:
+# --- terminology ----------------------------------------------------------------------------------------
+
+
+def _code_string(code: Code | None) -> str:
     return "^".join(code) if code else "^^"
 
 
 def terminology_string(organ: Organ) -> str:
-    """Slicer's serialised terminology entry (the ``SegmentN_Terminology`` field of a .seg.nrrd)."""
+    """Slicer's serialised terminology entry, as stored in a .seg.nrrd (``SegmentN_Tags`` ``TerminologyEntry:``).
+
+    Seven ``~``-separated fields: category context, category, type, type modifier, anatomic context,
+    anatomic region, anatomic region modifier (vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry).
+    """
     return "~".join(
-        [CATEGORY_CONTEXT, _code(ANATOMICAL_STRUCTURE), _code(organ.type), _code(organ.modifier), ANATOMIC_CONTEXT, "^^", "^^"]
+        [CATEGORY_CONTEXT, _code_string(organ.category), _code_string(organ.type), _code_string(organ.modifier), ANATOMIC_CONTEXT, "^^", "^^"]
     )
 
 
+def terminology_entry(organ: Organ) -> dict:
+    """The terminology as slicerio's segment dict holds it (what slicerio.write_segmentation expects)."""
+    entry: dict = {
+        "contextName": CATEGORY_CONTEXT,
+        "category": list(organ.category),
+        "type": list(organ.type),
+        "anatomicContextName": ANATOMIC_CONTEXT,
+    }
+    if organ.modifier:
+        entry["typeModifier"] = list(organ.modifier)
+    return entry
+
+
+def _as_code(code: object) -> tuple[str, str] | None:
+    """(scheme, value) from a slicerio code list, a DICOM-JSON style dict or a "scheme^value^meaning" string."""
+    if isinstance(code, str):
+        code = code.split("^")
+    if isinstance(code, dict):
+        scheme, value = code.get("CodingSchemeDesignator", ""), code.get("CodeValue", "")
+    elif isinstance(code, (list, tuple)) and len(code) >= 2:
+        scheme, value = code[0], code[1]
+    else:
+        return None
+    scheme, value = str(scheme or "").strip().upper(), str(value or "").strip()
+    if not value:
+        return None
+    return ("SCT" if scheme in _SNOMED_SCHEMES else scheme), value
+
+
+def _parse_terminology(terminology: str | dict) -> tuple[tuple[str, str] | None, tuple[str, str] | None, tuple[str, str] | None]:
+    """(category, type, type modifier) codes of a Slicer terminology string or a slicerio/DICOM-JSON dict."""
+    if isinstance(terminology, dict):
+        get = terminology.get
+        return (
+            _as_code(get("category", get("SegmentedPropertyCategoryCodeSequence"))),
+            _as_code(get("type", get("SegmentedPropertyTypeCodeSequence"))),
+            _as_code(get("typeModifier", get("SegmentedPropertyTypeModifierCodeSequence"))),
+        )
+    parts = str(terminology).split("~")
+    if len(parts) < 3:
+        return None, None, None
+    return _as_code(parts[1]), _as_code(parts[2]), _as_code(parts[3]) if len(parts) > 3 else None
+
+
+def _match_terminology(terminology: str | dict) -> Organ | None:
+    category, type_code, modifier = _parse_terminology(terminology)
+    if type_code is None:
+        return None
+    # An organ type under another category (e.g. a lesion "in" the liver is coded as a region) is not the organ.
+    if category is not None and category != ("SCT", ANATOMICAL_STRUCTURE.value):
+        return None
+    candidates = [o for o in ORGANS if ("SCT", o.type.value) == type_code]
+    for organ in candidates:
+        if (("SCT", organ.modifier.value) if organ.modifier else None) == modifier:
+            return organ
+    if len(candidates) == 1:  # an unpaired organ with a stray modifier is still that organ
+        return candidates[0]
+    return None  # e.g. "Kidney" without a side: let the name decide
+
+
+# --- names ----------------------------------------------------------------------------------------------
+
+_RIGHT_WORDS = {"right", "r", "rt", "dx", "dexter", "dextra"}
+_LEFT_WORDS = {"left", "l", "lt", "sin", "sinister", "sinistra"}
+# Paired organs: base names (without side) -> (right organ label, left organ label).
+_PAIRED = {
+    "kidney": (2, 13),
+    "kidneys": (2, 13),
+    "adrenal gland": (7, 8),
+    "adrenal": (7, 8),
+    "suprarenal gland": (7, 8),
+    "suprarenal": (7, 8),
+}
+
+
+def _words(name: str) -> list[str]:
+    # Split camel case ("rightKidney"), then any separator; drop trailing numbers ("Liver 2", "liver_1").
+    name = re.sub(r"([a-z])([A-Z])", r"\1 \2", name).lower()
+    words = re.sub(r"[^a-z0-9]+", " ", name).split()
+    while len(words) > 1 and words[-1].isdigit():
+        words.pop()
+    return words
+
+
 def _normalise(name: str) -> str:
-    return " ".join(re.sub(r"[_\-.,/]+", " ", name.lower()).split())
+    return " ".join(_words(name))
 
 
 _BY_NAME: dict[str, Organ] = {}
 for _organ in ORGANS:
     for _alias in (_organ.name, _organ.display_name, *_organ.aliases):
         _BY_NAME[_normalise(_alias)] = _organ
-# TotalSegmentator-style names: "kidney_right", "adrenal_gland_left", "inferior_vena_cava", ...
-for _organ in ORGANS:
-    for _side in ("right", "left"):
-        if _organ.name.startswith(_side + " "):
-            _BY_NAME[_normalise(_organ.name[len(_side) + 1:] + " " + _side)] = _organ
 
 
-def _parse_terminology(terminology: str | dict) -> tuple[str | None, str | None]:
-    """(type code value, modifier code value) from a Slicer terminology string or a slicerio dict.
-
-    slicerio gives codes as [scheme, value, meaning] lists; DICOM-JSON style dicts use CodeValue.
-    """
-    if isinstance(terminology, dict):
-
-        def value(code: object) -> str | None:
-            if isinstance(code, dict):
-                return code.get("CodeValue") or None
-            if isinstance(code, (list, tuple)) and len(code) >= 2:
-                return str(code[1]) or None
-            return None
-
-        return value(terminology.get("type")), value(terminology.get("typeModifier"))
-    parts = terminology.split("~")
-    if len(parts) < 4:
-        return None, None
-    type_value = parts[2].split("^")[1] if parts[2].count("^") >= 2 else None
-    modifier_value = parts[3].split("^")[1] if parts[3].count("^") >= 2 else None
-    return type_value or None, modifier_value or None
+def _match_name(name: str) -> Organ | None:
+    words = _words(name)
+    if not words:
+        return None
+    exact = _BY_NAME.get(" ".join(words))
+    if exact is not None:
+        return exact
+    # Side given anywhere: "kidney_right", "Kidney, Left", "adrenal_gland_L", "L adrenal".
+    sides = {"right" for w in words if w in _RIGHT_WORDS} | {"left" for w in words if w in _LEFT_WORDS}
+    base = " ".join(w for w in words if w not in _RIGHT_WORDS | _LEFT_WORDS)
+    if base in _PAIRED and len(sides) == 1:
+        right, left = _PAIRED[base]
+        return organ_by_label(right if sides == {"right"} else left)
+    if not sides:
+        return _BY_NAME.get(base)
+    return None
 
 
 def match_organ(name: str | None, terminology: str | dict | None = None) -> Organ | None:
-    """The organ a segment stands for: by terminology type (+ side) first, then by name."""
+    """The organ a segment stands for: by terminology type (+ side modifier) first, then by name.
+
+    Names are matched case- and separator-insensitively, with the side anywhere ("Right Kidney",
+    "kidney_right", "kidney R"), TotalSegmentator names ("inferior_vena_cava", "adrenal_gland_left"),
+    FLARE22 abbreviations ("IVC", "RAG") and spelling variants ("oesophagus", "gall bladder").
+    Slicer gives hand-made segments the generic "Tissue" terminology, so the name fallback matters.
+    """
     if terminology:
-        type_value, modifier_value = _parse_terminology(terminology)
-        candidates = [o for o in ORGANS if o.type[1] == type_value]
-        for organ in candidates:
-            if (organ.modifier[1] if organ.modifier else None) == modifier_value:
-                return organ
-        if len(candidates) == 1:  # e.g. "Liver" with a spurious modifier
-            return candidates[0]
+        organ = _match_terminology(terminology)
+        if organ is not None:
+            return organ
     if name:
-        return _BY_NAME.get(_normalise(name))
+        return _match_name(name)
     return None
