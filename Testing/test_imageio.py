@@ -201,6 +201,26 @@ def test_seg_nrrd_overlapping_layers_and_terminology_only(tmp_path):
     assert set(np.unique(back)) == {0, 3} and np.array_equal(back == 3, grown)  # the later segment wins
 
 
+def test_seg_nrrd_written_by_slicer(tmp_path):
+    """A segmentation Slicer itself wrote (slicerio's sample: 2 layers, 8 segments), its segments renamed to organs."""
+    sample = Path(slicerio.__file__).parent / "data" / "SegmentationOverlapping.seg.nrrd"
+    if not sample.exists():
+        pytest.skip(f"slicerio's sample segmentation is not installed at {sample}")
+    segmentation = slicerio.read_segmentation(str(sample))
+    organs = [1, 3, 4, 5, 6, 9, 11, 2]  # the last one ("overlapping sphere") is on layer 1
+    for segment, label in zip(segmentation["segments"], organs, strict=True):
+        segment["name"] = organ_by_label(label).display_name.upper()
+        del segment["terminology"]  # Slicer's chest codes (rib, lung, ...) would otherwise not match
+    slicerio.write_segmentation(str(tmp_path / "renamed.seg.nrrd"), segmentation)
+    reference = sitk.ReadImage(str(sample))  # Slicer's header as SimpleITK reads it: the CT grid
+    with pytest.warns(UserWarning, match="two organs"):
+        back = array(read_labels(tmp_path / "renamed.seg.nrrd", reference))
+    expected = np.zeros(segmentation["voxels"].shape[1:], np.uint8)
+    for segment, label in zip(segmentation["segments"], organs, strict=True):
+        expected[slicerio.segment_mask(segmentation, segment)] = label
+    np.testing.assert_array_equal(back, expected.transpose(2, 1, 0))
+
+
 def test_seg_nrrd_unmatched_segment(tmp_path):
     ct, labels = make_case()
     path = tmp_path / "t.seg.nrrd"
@@ -237,6 +257,15 @@ def test_seg_nrrd_that_does_not_fit_the_ct(tmp_path):
     slicerio.write_segmentation(str(tmp_path / "coarse.seg.nrrd"), slicer_style_segmentation(coarse, {1: "liver"}))
     with pytest.raises(InputError, match="coarse.seg.nrrd are on a different grid.*spacing 3 x 4 x 6 vs 1.5 x 2 x 3 mm"):
         read_labels(tmp_path / "coarse.seg.nrrd", ct)
+
+
+def test_segmentation_saved_as_plain_nrrd_is_read_as_segmentation(tmp_path):
+    """Its voxel values are segment label values, not FLARE22 ids: the segment names decide."""
+    ct, labels = make_case()
+    path = tmp_path / "renamed.nrrd"
+    slicerio.write_segmentation(str(path), slicer_style_segmentation(labels, {13: "Left kidney", 12: "Duodenum"}))
+    back = array(read_labels(path, ct))
+    assert set(np.unique(back)) == {0, 12, 13} and np.array_equal(back == 13, array(labels) == 13)
 
 
 # --- labelmap files -------------------------------------------------------------------------------------
@@ -285,9 +314,15 @@ def test_read_ct_errors_name_the_file(tmp_path):
     ct, labels = make_case()
     (tmp_path / "random.nii.gz").write_bytes(os.urandom(500))
     (tmp_path / "empty-folder").mkdir()
+    for name in ("whole.nii", "whole.nii.gz", "whole.mha"):  # cut short, as by an interrupted download
+        data = write(ct, tmp_path / name).read_bytes()
+        (tmp_path / f"cut-{name}").write_bytes(data[: len(data) // 2])
     cases = {
         tmp_path / "missing.nii.gz": "no such file or folder",
         tmp_path / "random.nii.gz": "cannot be read as a medical image",
+        tmp_path / "cut-whole.nii": "the file is incomplete",  # ITK itself would read it, zero-filled
+        tmp_path / "cut-whole.nii.gz": "the file is incomplete",
+        tmp_path / "cut-whole.mha": "cannot be read as a medical image",
         tmp_path / "empty-folder": "folder holds no DICOM series",
         write(ct[:, :, 2], tmp_path / "slice.nrrd"): "not a 3D volume",
         write(ct[:, :, 2:3], tmp_path / "thin.nrrd"): "not a 3D volume",
@@ -417,6 +452,14 @@ def test_atomic_write_path_for_other_files(tmp_path):
         tmp.write_text("partial")
         raise ValueError("stop")
     assert target.read_text() == "{}" and files_in(tmp_path) == ["metrics.json"]
+
+
+def test_written_files_carry_no_source_metadata(tmp_path):
+    _, labels = make_case()
+    labels.SetMetaData("0010|0010", "Doe^Jane")  # e.g. a patient name from a DICOM source
+    for suffix in (".nrrd", ".mha", ".seg.nrrd"):
+        assert "Doe^Jane" not in write_labelmap(labels, tmp_path / f"out{suffix}").read_bytes().decode("latin-1")
+    assert labels.GetMetaData("0010|0010") == "Doe^Jane"  # the caller's image is unchanged
 
 
 def test_segmentation_dict_is_what_slicerio_writes(tmp_path):
