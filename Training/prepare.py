@@ -15,18 +15,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from DiffusionSegLib.errors import InputError
-from DiffusionSegLib.imageio import dicom_series, read_ct
+from DiffusionSegLib.imageio import LABELMAP_SUFFIXES, SEGMENTATION_SUFFIX, dicom_series, read_ct
 from DiffusionSegLib.preprocessing import PreprocessingSpec, to_model_space
 
 from .shards import INDEX_FILE, SliceIndex, read_index, write_index, write_shard
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = (*LABELMAP_SUFFIXES, ".nhdr")  # the engine's volume formats
 DICOM_MARK = "#series="  # a source "folder#series=UID" is one DICOM series in a folder
 
 
 def is_image_file(path: Path) -> bool:
     name = path.name.lower()
-    return any(name.endswith(s) for s in IMAGE_SUFFIXES) and not name.endswith(".seg.nrrd")
+    return any(name.endswith(s) for s in IMAGE_SUFFIXES) and not name.endswith(SEGMENTATION_SUFFIX)
 
 
 def find_sources(inputs: Iterable[str | Path]) -> list[str]:
