@@ -31,6 +31,7 @@ from .models import ModelCard, list_models, load_segmentor, load_unet, now_iso, 
 from .preprocessing import PreprocessingSpec
 from .progress import MODES, Progress
 from .segmentor import DEFAULT_HEAD_WIDTH, STRATEGIES, Segmentor
+from .uncertainty import segment_with_uncertainty, write_report
 from .unet import PRESETS, preset_config
 
 EXIT_INPUT_ERROR = 2
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", required=True, help="output: .seg.nrrd (Slicer segmentation) or .nii.gz/.nrrd/.mha labelmap")
     seg.add_argument("--model", help="model name or folder (default: the bundled segmentation model)")
     seg.add_argument("--batch-size", type=_positive_int, default=8, help="slices per network batch (default 8)")
+    seg.add_argument("--uncertainty", help="also write per-axial-slice model uncertainty (input slice indices) to this JSON file")
     common(seg)
 
     ft = sub.add_parser("finetune", help="fine-tune a model on annotated axial slices and save it")
@@ -107,13 +109,20 @@ def _raise_cancelled(signum: int, frame: object) -> None:
 def cmd_segment(args: argparse.Namespace) -> int:
     # Everything the user gave is checked before the first progress line.
     output = check_output_path(args.output)
+    if args.uncertainty and not args.uncertainty.lower().endswith(".json"):
+        raise InputError(f"--uncertainty {args.uncertainty}: name the uncertainty report .json")
     device = resolve_device(args.device)
     segmentor, card = load_segmentor(resolve_model(args.model, "segmentor"))
     ct = read_ct(args.image)
     progress = Progress(args.progress)
-    labelmap = segment_ct(ct, segmentor, card.preprocessing, device, args.batch_size, progress)
+    if args.uncertainty:
+        labelmap, report = segment_with_uncertainty(ct, segmentor, card.preprocessing, device, args.batch_size, progress)
+    else:
+        labelmap = segment_ct(ct, segmentor, card.preprocessing, device, args.batch_size, progress)
     progress.start("write", 1)
     write_labelmap(labelmap, output)
+    if args.uncertainty:
+        write_report(report, args.uncertainty)
     progress.advance()
     progress.finish()
     progress.message(f"wrote {output}")
