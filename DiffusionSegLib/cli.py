@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=_positive_int, help=f"slices per iteration (default {FinetuneConfig.batch_size})")
     ft.add_argument("--lr", type=float, help=f"backbone learning rate; the head uses 10x (default {FinetuneConfig.lr:g})")
     ft.add_argument("--time-limit", type=float, help="stop after this many seconds of training")
+    ft.add_argument("--patience", type=int, 
+                    help=f"stop once the loss has not improved for this many iterations; 0 never stops early (default {FinetuneConfig.patience})")
     ft.add_argument("--timestep", type=int, help="diffusion timestep fed to the network (default 0)")
     ft.add_argument("--seed", type=int, help="random seed (default 0)")
     ft.add_argument("--no-augment", action="store_true", help="train without affine and intensity augmentation")
@@ -169,7 +171,8 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
             settings = json.loads(Path(args.config).expanduser().read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise InputError(f"{args.config}: cannot read fine-tuning settings ({e}); pass a JSON object of settings") from e
-    flags = {"iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr, "time_limit": args.time_limit, "seed": args.seed}
+    flags = {"iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr, "time_limit": args.time_limit, "seed": args.seed,
+             "patience": args.patience}
     settings.update({k: v for k, v in flags.items() if v is not None}, strategy=args.strategy)
     if args.no_augment:
         settings["augment"] = {**settings.get("augment", {}), "enabled": False}

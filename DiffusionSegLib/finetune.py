@@ -2,7 +2,10 @@
 
 The loss is 0.5 x cross-entropy + smoothed Dice (eps 1e-5); Adam with weight decay 1e-3 on the head
 and 1e-4 elsewhere and a head learning rate 10x the backbone's, as in the method. With the encoder
-frozen (ft-dec, lp) its forward pass runs without autograd, so no activation memory is kept for it.
+frozen (ft-dec, lp) its forward pass runs without autograd, so no activation memory is kept for it;
+better, its outputs are computed once for a fixed pool of augmented copies of the annotated slices
+(the frozen part is deterministic), and each iteration runs only the trainable part on a batch drawn
+from that pool. Training stops early when the loss has plateaued.
 """
 
 from __future__ import annotations
@@ -50,6 +53,15 @@ class FinetuneConfig:
     dice_background: bool = False  # background Dice would dominate a slice that is mostly background
     time_limit: float | None = None  # seconds; training stops after the iteration that crosses it
     seed: int = 0
+    # Frozen-part cache: augmented copies per slice (copy 0 is the slice itself) and a memory cap;
+    # 0 copies turns the cache off (fresh augmentation every iteration, frozen part recomputed).
+    cache_copies: int = 16
+    cache_memory_mb: float = 2048.0
+    # Plateau stop: after `min_iterations`, stop once the mean loss of the last `patience` iterations
+    # is not `min_improvement` (relative) below the best earlier such mean. 0 patience disables it.
+    patience: int = 60
+    min_improvement: float = 0.02
+    min_iterations: int = 100
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict:
@@ -72,7 +84,7 @@ class FinetuneResult:
     iterations: int
     final_loss: float
     seconds: float
-    stopped_by: str  # "iterations" or "time-limit"
+    stopped_by: str  # "iterations", "time-limit" or "plateau"
     losses: list[float]
 
 
@@ -119,6 +131,89 @@ def augment_batch(
     return warped, warped_labels[:, 0].long()
 
 
+class FrozenCache:
+    """Outputs of the frozen part of a segmentor for a fixed pool of (augmented) slices.
+
+    For ft-dec the frozen part is the encoder (skip activations, middle block, time embedding); for lp
+    it is the whole U-Net (decoder features). The time embedding is the same for every slice (one
+    timestep), so one row is kept and expanded.
+    """
+
+    def __init__(self, segmentor: Segmentor, images: torch.Tensor, labels: torch.Tensor, device: torch.device, chunk: int = 4) -> None:
+        self.labels = labels.to(device)
+        self.decoder_frozen = segmentor.decoder_frozen()
+        parts: list[list[torch.Tensor]] = []
+        with torch.no_grad(), autocast(device):
+            for start in range(0, images.shape[0], chunk):
+                hs, h, emb = segmentor.encode(images[start : start + chunk].to(device))
+                if self.decoder_frozen:
+                    parts.append([segmentor.unet.decode(hs, h, emb).float()])
+                else:
+                    parts.append([t.float() for t in (*hs, h)])
+                    self.emb = emb[:1].float()
+        self.tensors = [torch.cat(column) for column in zip(*parts, strict=True)]
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def logits(self, segmentor: Segmentor, pick: torch.Tensor) -> torch.Tensor:
+        chosen = [t[pick] for t in self.tensors]
+        if self.decoder_frozen:
+            return segmentor.head(chosen[0])
+        return segmentor.decode(chosen[:-1], chosen[-1], self.emb.expand(len(pick), -1))
+
+
+def frozen_bytes_per_slice(segmentor: Segmentor, size: int) -> int:
+    """Bytes the frozen part's outputs take per slice (float32), measured on a meta-device copy."""
+    probe = torch.zeros(1, 1, size, size, device="meta")
+    with torch.device("meta"):
+        meta = Segmentor(segmentor.unet.config, segmentor.head.hidden, segmentor.head.num_layers, segmentor.timestep, segmentor.num_classes)
+    hs, h, emb = meta.encode(probe)
+    outputs = [meta.unet.decode(hs, h, emb)] if segmentor.decoder_frozen() else [*hs, h]
+    return sum(t.numel() for t in outputs) * 4
+
+
+def cache_pool_size(config: FinetuneConfig, slices: int, bytes_per_slice: int) -> int:
+    """Pool entries the memory cap allows (0: no cache); at least the slices themselves or nothing."""
+    if config.cache_copies <= 0:
+        return 0
+    copies = config.cache_copies if config.augment.enabled else 1
+    affordable = int(config.cache_memory_mb * 2**20 // max(bytes_per_slice, 1))
+    if affordable < slices:
+        return 0
+    return min(slices * copies, affordable // slices * slices)
+
+
+def augmented_pool(
+    images: torch.Tensor, labels: torch.Tensor, size: int, config: AugmentConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slices themselves followed by augmented copies, `size` entries in all."""
+    copies = size // images.shape[0]
+    pool_x, pool_y = [images], [labels]
+    for _ in range(copies - 1):
+        x, y = augment_batch(images, labels, config, generator)
+        pool_x.append(x)
+        pool_y.append(y)
+    return torch.cat(pool_x), torch.cat(pool_y)
+
+
+class PlateauStop:
+    """Says when the windowed mean loss has stopped improving by a relative margin."""
+
+    def __init__(self, patience: int, min_improvement: float, min_iterations: int) -> None:
+        self.patience, self.min_improvement, self.min_iterations = patience, min_improvement, min_iterations
+        self.best = math.inf
+        self.best_at = 0
+
+    def update(self, losses: list[float]) -> bool:
+        if self.patience <= 0 or len(losses) < self.patience:
+            return False
+        mean = float(np.mean(losses[-self.patience :]))
+        if mean < self.best * (1 - self.min_improvement):
+            self.best, self.best_at = mean, len(losses)
+        return len(losses) >= self.min_iterations and len(losses) - self.best_at >= self.patience
+
+
 def finetune(
     segmentor: Segmentor,
     images: torch.Tensor,
@@ -150,25 +245,26 @@ def finetune(
     optimizer = torch.optim.Adam(groups)
     images, labels = images.float(), labels.long()
     batch = min(config.batch_size, images.shape[0])
-    losses: list[float] = []
     start = time.monotonic()
+    cache = None
+    if encoder_frozen:
+        pool = cache_pool_size(config, images.shape[0], frozen_bytes_per_slice(segmentor, images.shape[-1]))
+        if pool:
+            cache = FrozenCache(segmentor, *augmented_pool(images, labels, pool, config.augment, generator), device)
+    losses: list[float] = []
+    plateau = PlateauStop(config.patience, config.min_improvement, config.min_iterations)
     stopped_by = "iterations"
     for iteration in range(1, config.iterations + 1):
-        pick = torch.randperm(images.shape[0], generator=generator)[:batch]
-        x, y = augment_batch(images[pick], labels[pick], config.augment, generator)
-        x, y = x.to(device), y.to(device)
         with autocast(device):
-            if encoder_frozen:
-                with torch.no_grad():
-                    encoded = segmentor.encode(x)
-                if decoder_frozen:
-                    with torch.no_grad():
-                        features = segmentor.unet.decode(*encoded)
-                    logits = segmentor.head(features)
-                else:
-                    logits = segmentor.decode(*encoded)
+            if cache is not None:
+                pick = torch.randperm(len(cache), generator=generator)[:batch]
+                y = cache.labels[pick.to(cache.labels.device)]
+                logits = cache.logits(segmentor, pick.to(device))
             else:
-                logits = segmentor(x)
+                pick = torch.randperm(images.shape[0], generator=generator)[:batch]
+                x, y = augment_batch(images[pick], labels[pick], config.augment, generator)
+                x, y = x.to(device), y.to(device)
+                logits = _logits(segmentor, x, encoder_frozen, decoder_frozen)
         loss = segmentation_loss(logits.float(), y, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -182,6 +278,9 @@ def finetune(
         if config.time_limit is not None and time.monotonic() - start >= config.time_limit:
             stopped_by = "time-limit"
             break
+        if plateau.update(losses):
+            stopped_by = "plateau"
+            break
     segmentor.eval()
     return FinetuneResult(
         iterations=len(losses),
@@ -190,3 +289,14 @@ def finetune(
         stopped_by=stopped_by,
         losses=losses,
     )
+
+
+def _logits(segmentor: Segmentor, x: torch.Tensor, encoder_frozen: bool, decoder_frozen: bool) -> torch.Tensor:
+    """Forward pass without autograd through whatever is frozen."""
+    if not encoder_frozen:
+        return segmentor(x)
+    with torch.no_grad():
+        encoded = segmentor.encode(x)
+        if decoder_frozen:
+            features = segmentor.unet.decode(*encoded)
+    return segmentor.head(features) if decoder_frozen else segmentor.decode(*encoded)

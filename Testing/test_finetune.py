@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from phantom import make_phantom
 
 from DiffusionSegLib.annotations import annotated_input_slices, training_slices
-from DiffusionSegLib.finetune import AugmentConfig, FinetuneConfig, augment_batch, finetune, segmentation_loss
+from DiffusionSegLib.finetune import (
+    AugmentConfig,
+    FinetuneConfig,
+    PlateauStop,
+    augment_batch,
+    augmented_pool,
+    cache_pool_size,
+    finetune,
+    segmentation_loss,
+)
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from DiffusionSegLib.segmentor import Segmentor
 from DiffusionSegLib.unet import preset_config
@@ -80,7 +91,7 @@ def test_finetune_learns_and_freezes_what_it_should(strategy):
     images, labels = phantom_slices(spec)
     segmentor = Segmentor(preset_config("tiny"), head_width=32)
     before = {k: v.clone() for k, v in segmentor.state_dict().items()}
-    config = FinetuneConfig(strategy=strategy, iterations=40, lr=1e-3, augment=AugmentConfig(enabled=False))
+    config = FinetuneConfig(strategy=strategy, iterations=40, lr=1e-3, patience=0, augment=AugmentConfig(enabled=False))
     steps = []
     result = finetune(segmentor, images, labels, config, CPU, on_step=lambda i, loss: steps.append(i))
     assert steps == list(range(1, 41)) and result.iterations == 40
@@ -113,3 +124,62 @@ def test_cancel_from_callback_propagates():
 
     with pytest.raises(KeyboardInterrupt):
         finetune(segmentor, images, labels, FinetuneConfig(iterations=100), CPU, on_step=cancel)
+
+
+@pytest.mark.parametrize("strategy", ["ft-dec", "lp"])
+def test_frozen_cache_trains_exactly_like_recomputing(strategy):
+    """Without augmentation the cached frozen outputs are the recomputed ones: same losses, same weights."""
+    spec = PreprocessingSpec.for_size(64)
+    images, labels = phantom_slices(spec)
+    runs = []
+    for copies in (0, 16):
+        torch.manual_seed(1)
+        segmentor = Segmentor(preset_config("tiny"), head_width=32)
+        config = FinetuneConfig(strategy=strategy, iterations=8, lr=1e-3, patience=0, cache_copies=copies, augment=AugmentConfig(enabled=False))
+        runs.append((finetune(segmentor, images, labels, config, CPU).losses, segmentor.state_dict()))
+    (losses_a, state_a), (losses_b, state_b) = runs
+    assert np.allclose(losses_a, losses_b, rtol=1e-4, atol=1e-6)
+    assert all(torch.allclose(state_a[k], state_b[k], atol=1e-5) for k in state_a)
+
+
+def test_cache_pool_holds_the_slices_then_augmented_copies():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    labels = torch.randint(0, 3, (3, 16, 16))
+    x, y = augmented_pool(images, labels, 12, AugmentConfig(probability=1.0), g)
+    assert x.shape == (12, 1, 16, 16) and y.shape == (12, 16, 16)
+    assert torch.equal(x[:3], images) and torch.equal(y[:3], labels)
+    assert not torch.equal(x[3:6], images)
+
+
+def test_cache_pool_size_follows_the_memory_cap():
+    config = FinetuneConfig(cache_copies=16, cache_memory_mb=100)
+    mb = 2**20
+    assert cache_pool_size(config, 4, 1 * mb) == 64  # 16 copies of 4 slices fit
+    assert cache_pool_size(config, 4, 10 * mb) == 8  # 10 entries fit: whole copies only
+    assert cache_pool_size(config, 4, 30 * mb) == 0  # not even the slices themselves: no cache
+    assert cache_pool_size(FinetuneConfig(cache_copies=0), 4, 1) == 0
+    assert cache_pool_size(FinetuneConfig(augment=AugmentConfig(enabled=False)), 4, 1) == 4
+
+
+def test_plateau_stop():
+    flat = PlateauStop(patience=10, min_improvement=0.02, min_iterations=30)
+    losses = []
+    stops = []
+    for _ in range(100):
+        losses.append(1.0)
+        stops.append(flat.update(losses))
+    assert stops.index(True) == 29  # flat from the start: stops as soon as allowed
+    falling = PlateauStop(patience=10, min_improvement=0.02, min_iterations=30)
+    losses = [math.exp(-i / 20) for i in range(200)]
+    assert not any(falling.update(losses[: i + 1]) for i in range(200))
+    assert not PlateauStop(patience=0, min_improvement=0.02, min_iterations=0).update([1.0] * 50)
+
+
+def test_finetune_stops_on_plateau():
+    spec = PreprocessingSpec.for_size(64)
+    images, labels = phantom_slices(spec, count=2)
+    segmentor = Segmentor(preset_config("tiny"), head_width=32)
+    config = FinetuneConfig(iterations=10_000, lr=0.0, patience=5, min_iterations=12, augment=AugmentConfig(enabled=False))
+    result = finetune(segmentor, images, labels, config, CPU)
+    assert result.stopped_by == "plateau" and result.iterations == 12

@@ -121,11 +121,13 @@ def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 180)
 def test_pretrain_kill_resume_sample_export_finetune(slices_dir, tmp_path, capsys):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "Training", "pretrain", "--data", str(slices_dir), "--out", str(run), *FAST,
-           "--iterations", "100000", "--checkpoint-every", "5"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           "--iterations", "100000", "--checkpoint-every", "5", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         wait_for_checkpoint(run, proc)
-        proc.send_signal(signal.SIGTERM)  # preemption: checkpoint at the end of the step, then exit
+        # Preemption as a scheduler does it, to the whole process group (loader worker included):
+        # checkpoint at the end of the step, then exit.
+        os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
     finally:
         proc.kill()

@@ -98,6 +98,13 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the main process: schedulers signal the whole process
+    group, and a worker that dies first would crash the main process before it saves a checkpoint."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @dataclass
 class Distributed:
     rank: int = 0
@@ -219,7 +226,7 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
     sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=config.seed, drop_last=True)
     loader = DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
+        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0, worker_init_fn=_ignore_stop_signals,
     )
     if len(loader) == 0:
         raise InputError(f"{data}: {len(dataset)} slices are fewer than one batch of {config.batch_size} x {env.world_size} processes; lower --batch-size")
