@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=_positive_int, help=f"slices per iteration (default {FinetuneConfig.batch_size})")
     ft.add_argument("--lr", type=float, help=f"backbone learning rate; the head uses 10x (default {FinetuneConfig.lr:g})")
     ft.add_argument("--time-limit", type=float, help="stop after this many seconds of training")
-    ft.add_argument("--patience", type=int, 
+    ft.add_argument("--patience", type=int,
                     help=f"stop once the loss has not improved for this many iterations; 0 never stops early (default {FinetuneConfig.patience})")
     ft.add_argument("--timestep", type=int, help="diffusion timestep fed to the network (default 0)")
     ft.add_argument("--seed", type=int, help="random seed (default 0)")
