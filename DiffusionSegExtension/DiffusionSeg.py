@@ -1,0 +1,1072 @@
+"""DiffusionSeg: segment 13 abdominal organs in CT, annotate a few slices, fine-tune, write the result back.
+
+Only the Slicer classes live here (module, widget, logic, self-test). Everything that does not need Slicer
+(command lines, progress parsing, painted-slice bookkeeping, uncertainty ranking, models) is in
+DiffusionSegLib and tested with pytest; the heavy work runs in a `PythonSlicer -m DiffusionSegLib` child
+process so Slicer stays responsive and a crash or cancel cannot take it down.
+"""
+
+import enum
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+
+def _engine_parent() -> Path:
+    """The folder holding DiffusionSegLib: beside this file when installed, the repository root in a source checkout."""
+    here = Path(__file__).resolve().parent
+    return here if (here / "DiffusionSegLib").is_dir() else here.parent
+
+
+if str(_engine_parent()) not in sys.path:
+    sys.path.insert(0, str(_engine_parent()))
+
+# These engine modules need only numpy and the standard library, which Slicer always has.
+from DiffusionSegLib import commands, dependencies  # noqa: E402
+from DiffusionSegLib.progress_parser import LogLine, Message, ProgressUpdate  # noqa: E402
+from DiffusionSegLib.runner import BackgroundRun  # noqa: E402
+
+ANNOTATED_SLICES_ATTRIBUTE = "DiffusionSeg.AnnotatedSlices"  # JSON list of slice indices the user annotated
+WRITTEN_LABELS_ATTRIBUTE = "DiffusionSeg.WrittenLabels"  # file of the labels last written back
+UNCERTAINTY_ATTRIBUTE = "DiffusionSeg.Uncertainty"  # JSON uncertainty report of the last segmentation
+POLL_INTERVAL_MS = 200
+CANCEL_GRACE_S = 15  # a cancelled run that has not ended by then is killed
+
+
+class DependencyError(Exception):
+    """A dependency cannot be installed from here; the message says what the user must do."""
+
+
+#
+# Module
+#
+
+
+class DiffusionSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("DiffusionSeg")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["Segmentations", "SegmentEditor"]
+        self.parent.contributors = ["DiffusionSeg contributors"]
+        self.parent.helpText = _(
+            "Segment 13 abdominal organs (FLARE22 label set) in CT with a DDPM-pretrained U-Net. Paint a few axial slices, "
+            "fine-tune the model on them and write its result back without touching what you painted. "
+            "A touched axial slice counts as fully annotated. "
+            'See the <a href="https://github.com/DiffusionSeg/DiffusionSeg#the-3d-slicer-extension">documentation</a>.'
+        )
+        self.parent.acknowledgementText = _("Uses the FLARE22 organ label set and SNOMED CT codes of Slicer's DICOM terminology.")
+
+
+#
+# Parameters
+#
+
+
+class Device(enum.Enum):
+    AUTO = "auto"
+    CUDA = "cuda"
+    CPU = "cpu"
+    MPS = "mps"
+
+    def label(self) -> str:
+        return {"auto": "Auto", "cuda": "CUDA GPU", "cpu": "CPU", "mps": "Apple MPS"}[self.value]
+
+
+class Strategy(enum.Enum):
+    FT_DEC = "ft-dec"
+    LP = "lp"
+    FS = "fs"
+
+    def label(self) -> str:
+        return {"ft-dec": "FT-dec: encoder frozen", "lp": "LP: head only", "fs": "FS: from scratch"}[self.value]
+
+
+class FinetuneFrom(enum.Enum):
+    SELECTED = "selected"
+    BASE = "base"
+
+    def label(self) -> str:
+        return {"selected": "the selected model", "base": "the pretrained base"}[self.value]
+
+
+@parameterNodeWrapper
+class DiffusionSegParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    annotationSegmentation: vtkMRMLSegmentationNode
+    model: str = ""
+    device: Device = Device.AUTO
+    strategy: Strategy = Strategy.FT_DEC
+    iterations: Annotated[int, WithinRange(1, 100000)] = 300
+    timeLimitMinutes: Annotated[float, WithinRange(0, 1440)] = 0.0
+    timestep: Annotated[int, WithinRange(0, 999)] = 0
+    finetuneFrom: FinetuneFrom = FinetuneFrom.SELECTED
+    modelName: str = ""
+
+
+#
+# Widget
+#
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    INSTALLING = "installing"
+    SEGMENTING = "segmenting"
+    FINETUNING = "fine-tuning"
+    CANCELLING = "cancelling"
+
+
+class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.state = State.IDLE
+        self._retry: Callable[[str], None] | None = None  # restarts the last job on another device (CUDA out-of-memory)
+        self._statusTimer = qt.QTimer()
+        self._statusTimer.setSingleShot(True)
+        self._statusTimer.setInterval(800)  # debounce: painting fires many modified events
+        self._observedSegmentation = None
+
+    # --- set-up ---
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DiffusionSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = DiffusionSegLogic()
+        self.logic.logCallback = self.addLog
+        self.logic.progressCallback = self.onProgress
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.annotateButton.connect("clicked(bool)", self.onAnnotateButton)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
+        self.ui.suggestButton.connect("clicked(bool)", self.onSuggestButton)
+        self.ui.deleteModelButton.connect("clicked(bool)", self.onDeleteModel)
+        self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.annotationSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.observeAnnotation)
+        self._statusTimer.connect("timeout()", self.updateAnnotationStatus)
+        self.ui.progressBar.hide()
+
+        self.initializeParameterNode()
+        self.refreshModels()
+        self.setState(State.IDLE)
+
+    def cleanup(self) -> None:
+        self.logic.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.logic.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.updateButtons()
+
+    # --- state machine ---
+
+    def setState(self, state: State) -> None:
+        """Buttons follow the state: the running action's button turns into Cancel, the others wait."""
+        self.state = state
+        busy = state != State.IDLE
+        self.ui.segmentButton.text = _("Cancel") if state == State.SEGMENTING else _("Segment")
+        self.ui.finetuneButton.text = _("Cancel") if state == State.FINETUNING else _("Fine-tune")
+        if state == State.CANCELLING:
+            self.ui.statusLabel.text = _("Cancelling...")
+        if state == State.INSTALLING:
+            self.ui.statusLabel.text = _("Installing Python packages; this may take several minutes...")
+        self.ui.progressBar.setVisible(busy)
+        for widget in (self.ui.annotateButton, self.ui.suggestButton, self.ui.deleteModelButton, self.ui.refreshModelsButton,
+                       self.ui.inputVolumeSelector, self.ui.modelComboBox, self.ui.deviceComboBox):
+            widget.enabled = not busy
+        self.updateButtons()
+
+    def updateButtons(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        hasCT = bool(p.inputVolume)
+        self.ui.segmentButton.enabled = self.state == State.SEGMENTING or (self.state == State.IDLE and hasCT and bool(self.selectedModel()))
+        self.ui.finetuneButton.enabled = self.state == State.FINETUNING or (self.state == State.IDLE and hasCT and bool(p.annotationSegmentation))
+        self.ui.annotateButton.enabled = self.state == State.IDLE and hasCT
+        self.ui.suggestButton.enabled = self.state == State.IDLE and hasCT and self.reportSegmentation() is not None
+        self.updateDeviceWarning()
+
+    def updateDeviceWarning(self) -> None:
+        if not self._parameterNode:
+            return
+        device = self._parameterNode.device
+        onCpu = device == Device.CPU or (device == Device.AUTO and self.logic.cudaAvailable() is False and not self.logic.mpsAvailable())
+        self.ui.deviceWarningLabel.text = (
+            _("Running on the CPU: segmenting takes minutes and fine-tuning can take an hour. A CUDA GPU is much faster.") if onCpu else ""
+        )
+        self.ui.deviceWarningLabel.setStyleSheet("color: #c06000" if onCpu else "")
+
+    # --- log and progress ---
+
+    def addLog(self, text: str) -> None:
+        logging.info(text)
+        self.ui.logTextEdit.appendPlainText(text)
+        self.ui.logTextEdit.ensureCursorVisible()
+
+    def onProgress(self, update: ProgressUpdate) -> None:
+        self.ui.progressBar.setMaximum(max(update.total, 1))
+        self.ui.progressBar.setValue(min(update.step, max(update.total, 1)))
+        self.ui.progressBar.setFormat(f"{update.stage} %p%")
+        self.ui.statusLabel.text = update.describe()
+
+    # --- dependencies ---
+
+    def ensureDependencies(self) -> bool:
+        """Install what is missing after one confirmation listing all of it; False if the user declined or it failed."""
+        try:
+            missing = self.logic.missingDependencies()
+        except DependencyError as e:
+            slicer.util.errorDisplay(str(e))
+            return False
+        if not missing:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+            _("DiffusionSeg needs these Python packages. Install them now? It needs a network connection and may take several minutes."),
+            windowTitle=_("Install Python packages"),
+            detailedText="\n".join(missing),
+        ):
+            self.addLog(_("Installation declined; nothing was installed."))
+            return False
+        self.setState(State.INSTALLING)
+        slicer.app.processEvents()  # show the state before pip blocks
+        installed = False
+        with slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages."), waitCursor=True):
+            self.logic.installDependencies()
+            installed = True
+        self.setState(State.IDLE)
+        self.refreshModels()
+        return installed
+
+    # --- models ---
+
+    def refreshModels(self) -> None:
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        try:
+            models = self.logic.segmentationModels()
+        except ImportError:
+            models = None
+        if models is None:
+            combo.addItem(_("(models are listed once the Python packages are installed)"), "")
+        elif not models:
+            combo.addItem(_("(no segmentation model yet: annotate and fine-tune)"), "")
+        else:
+            for info in models:
+                combo.addItem(f"{info.name} ({info.source})", str(info.path))
+            wanted = self._parameterNode.model if self._parameterNode else ""
+            index = combo.findData(wanted)
+            combo.currentIndex = index if index >= 0 else 0
+        combo.blockSignals(wasBlocked)
+        self.onModelSelected()
+
+    def selectedModel(self) -> str:
+        return self.ui.modelComboBox.currentData or ""
+
+    def onModelSelected(self, index: int = -1) -> None:
+        path = self.selectedModel()
+        if self._parameterNode and path:
+            self._parameterNode.model = path
+        self.ui.modelInfoLabel.text = self.logic.describeModel(path) if path else ""
+        self.ui.deleteModelButton.enabled = self.state == State.IDLE and self.logic.isUserModel(path)
+        self.updateButtons()
+
+    def onDeleteModel(self) -> None:
+        path = self.selectedModel()
+        if not path or not slicer.util.confirmYesNoDisplay(_("Delete the model {path}? This cannot be undone.").format(path=path)):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to delete the model.")):
+            self.logic.deleteModel(path)
+            self.addLog(_("Deleted model {path}").format(path=path))
+        self.refreshModels()
+
+    def onOpenModelsFolder(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to open the models folder.")):
+            folder = self.logic.modelsFolder()
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
+
+    # --- actions ---
+
+    def cancel(self) -> None:
+        self.setState(State.CANCELLING)
+        self.logic.cancel()
+
+    def onSegmentButton(self) -> None:
+        if self.state == State.SEGMENTING:
+            self.cancel()
+            return
+        if not self.ensureDependencies():
+            return
+        self.startSegment(self._parameterNode.device.value)
+
+    def startSegment(self, device: str) -> None:
+        p = self._parameterNode
+        self._retry = self.startSegment
+        self.setState(State.SEGMENTING)
+        with slicer.util.tryWithErrorDisplay(_("Failed to start segmenting."), waitCursor=True):
+            try:
+                p.outputSegmentation = self.logic.segment(p.inputVolume, p.outputSegmentation, self.selectedModel(), device, self.onJobFinished)
+            except Exception:
+                self.setState(State.IDLE)
+                raise
+
+    def onAnnotateButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to prepare the annotation segmentation."), waitCursor=True):
+            p.annotationSegmentation = self.logic.prepareAnnotation(p.inputVolume, p.annotationSegmentation)
+            self.logic.openSegmentEditor(p.annotationSegmentation, p.inputVolume)
+            self.updateAnnotationStatus()
+
+    def onFinetuneButton(self) -> None:
+        if self.state == State.FINETUNING:
+            self.cancel()
+            return
+        if not self.ensureDependencies():
+            return
+        self.startFinetune(self._parameterNode.device.value)
+
+    def finetuneSettings(self) -> commands.FinetuneSettings:
+        p = self._parameterNode
+        base = self.selectedModel() if p.finetuneFrom == FinetuneFrom.SELECTED and self.selectedModel() else None
+        return commands.FinetuneSettings(
+            strategy=p.strategy.value,
+            iterations=p.iterations,
+            time_limit_s=p.timeLimitMinutes * 60 if p.timeLimitMinutes > 0 else None,
+            timestep=p.timestep,
+            base=base if p.strategy != Strategy.FS else None,
+        )
+
+    def startFinetune(self, device: str) -> None:
+        p = self._parameterNode
+        self._retry = self.startFinetune
+        self.setState(State.FINETUNING)
+        with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning."), waitCursor=True):
+            try:
+                self.logic.finetune(p.inputVolume, p.annotationSegmentation, self.finetuneSettings(), p.modelName.strip() or None, device,
+                                    self.onJobFinished)
+            except Exception:
+                self.setState(State.IDLE)
+                raise
+
+    def onJobFinished(self, ok: bool, message: str, outOfMemory: bool) -> None:
+        self.setState(State.IDLE)
+        self.ui.statusLabel.text = message
+        self.addLog(message)
+        if ok:
+            self.refreshModels()
+            self.updateAnnotationStatus()
+            if self.logic.lastModel:
+                index = self.ui.modelComboBox.findData(str(self.logic.lastModel))
+                if index >= 0:
+                    self.ui.modelComboBox.currentIndex = index
+        elif outOfMemory and self._retry is not None:
+            if slicer.util.confirmYesNoDisplay(
+                _("The GPU ran out of memory. Retry on the CPU? It will be slower."), windowTitle=_("GPU out of memory")
+            ):
+                self._retry("cpu")
+
+    # --- annotation status and suggestions ---
+
+    def observeAnnotation(self, node) -> None:
+        if self._observedSegmentation is not None:
+            self.removeObserver(self._observedSegmentation, vtk.vtkCommand.ModifiedEvent, self.onAnnotationModified)
+            self.removeObserver(self._observedSegmentation, slicer.vtkSegmentation.SegmentModified, self.onAnnotationModified)
+        self._observedSegmentation = node.GetSegmentation() if node else None
+        if self._observedSegmentation is not None:
+            self.addObserver(self._observedSegmentation, vtk.vtkCommand.ModifiedEvent, self.onAnnotationModified)
+            self.addObserver(self._observedSegmentation, slicer.vtkSegmentation.SegmentModified, self.onAnnotationModified)
+        self.updateAnnotationStatus()
+
+    def onAnnotationModified(self, caller=None, event=None) -> None:
+        self._statusTimer.start()
+
+    def updateAnnotationStatus(self) -> None:
+        p = self._parameterNode
+        hint = _("A touched axial slice counts as fully annotated: every unpainted voxel of it is background.")
+        if not p or not p.inputVolume or not p.annotationSegmentation:
+            self.ui.annotationStatusLabel.text = hint
+            return
+        try:
+            status = self.logic.annotationStatus(p.annotationSegmentation, p.inputVolume)
+        except Exception as e:  # a status line must never break painting
+            self.ui.annotationStatusLabel.text = _("Cannot count annotated slices: {error}").format(error=e)
+            return
+        text = _("{count} annotated axial slices").format(count=len(status["slices"]))
+        if status["slices"]:
+            text += _(" ({slices}); organs: {organs}").format(
+                slices=", ".join(str(i + 1) for i in status["slices"][:20]) + (", ..." if len(status["slices"]) > 20 else ""),
+                organs=", ".join(status["organs"]) or _("none"),
+            )
+        if status["unmatched"]:
+            text += "\n" + _("Segments not matching any of the 13 organs (rename or delete them before fine-tuning): {names}").format(
+                names=", ".join(status["unmatched"]))
+        self.ui.annotationStatusLabel.text = text + "\n" + hint
+
+    def reportSegmentation(self):
+        """The segmentation holding the latest uncertainty report: the annotation, else the segmentation result."""
+        p = self._parameterNode
+        for node in (p.annotationSegmentation, p.outputSegmentation) if p else ():
+            if node and node.GetAttribute(UNCERTAINTY_ATTRIBUTE):
+                return node
+        return None
+
+    def onSuggestButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to suggest a slice.")):
+            suggestion = self.logic.suggestSlice(self.reportSegmentation(), p.annotationSegmentation, p.inputVolume)
+            if suggestion is None:
+                self.ui.suggestionLabel.text = _("Every slice with enough body is annotated already.")
+                return
+            index, uncertainty, remaining = suggestion
+            self.logic.jumpToSlice(p.inputVolume, index)
+            self.ui.suggestionLabel.text = _("Slice {number} (uncertainty {value:.3f}) is the most uncertain of {count} unannotated slices.").format(
+                number=index + 1, value=uncertainty, count=remaining)
+
+
+#
+# Logic
+#
+
+
+class DiffusionSegLogic(ScriptedLoadableModuleLogic):
+    """Scene I/O and the background engine process. Reports through callbacks; knows no widget."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.logCallback: Callable[[str], None] = logging.info
+        self.progressCallback: Callable[[ProgressUpdate], None] = lambda update: None
+        self.run: BackgroundRun | None = None
+        self.lastModel: Path | None = None
+        self._onRunDone: Callable[[int], None] | None = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self._poll)
+        self._cancelRequestedAt: float | None = None
+        self._jobDone: Callable[[bool, str, bool], None] | None = None
+        self._lastStderr = ""  # stderr tail of the last finished run, for error messages
+
+    def getParameterNode(self):
+        return DiffusionSegParameterNode(super().getParameterNode())
+
+    # --- dependencies ---
+
+    def missingDependencies(self) -> list[str]:
+        """Everything that must be installed, as lines for the confirmation; DependencyError if PyTorch cannot come from here."""
+        missing = []
+        if dependencies.torch_missing() is not None:
+            try:
+                import PyTorchUtils  # noqa: F401
+            except ImportError as e:
+                raise DependencyError(
+                    _("DiffusionSeg needs the PyTorch extension. Install 'PyTorch' from the Extensions Manager, restart Slicer and try again.")
+                ) from e
+            missing.append(f"torch>={dependencies.TORCH_MINIMUM} " + _("(through the PyTorch extension: a CUDA build if an NVIDIA GPU is found)"))
+        missing += [m.describe() for m in dependencies.missing_requirements()]
+        return missing
+
+    def installDependencies(self) -> None:
+        """Install torch through PyTorchUtils and the rest with pip, keeping Slicer's numpy, SimpleITK and requests."""
+        if dependencies.torch_missing() is not None:
+            import PyTorchUtils
+
+            self.logCallback(_("Installing PyTorch through the PyTorch extension (several minutes)..."))
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=f">={dependencies.TORCH_MINIMUM}")
+            if torch is None:
+                raise DependencyError(_("PyTorch was not installed; install it in the PyTorch Utils module and try again."))
+        requirements = [m.requirement for m in dependencies.missing_requirements()]
+        if not requirements:
+            return
+        self.logCallback(_("Installing {packages}...").format(packages=", ".join(requirements)))
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
+            f.write(dependencies.constraints())
+            constraintsPath = f.name
+        try:
+            try:
+                import slicer.packaging as packaging  # Slicer 5.12 and later: progress dialog with the pip log
+            except ImportError:
+                packaging = None
+            if packaging is not None:
+                packaging.pip_install(requirements, constraints=constraintsPath, requester="DiffusionSeg")
+            else:  # Slicer 5.10
+                slicer.util.pip_install([*requirements, "-c", constraintsPath])
+        finally:
+            os.unlink(constraintsPath)
+        missing = dependencies.missing_requirements()
+        if missing:
+            raise DependencyError(_("Still missing after installation: {packages}").format(packages=", ".join(m.describe() for m in missing)))
+
+    @staticmethod
+    def cudaAvailable() -> bool | None:
+        """None when torch is not installed yet (then nothing is known about the GPU)."""
+        if dependencies.torch_missing() is not None:
+            return None
+        import torch
+
+        return torch.cuda.is_available()
+
+    @staticmethod
+    def mpsAvailable() -> bool:
+        if dependencies.torch_missing() is not None:
+            return False
+        import torch
+
+        return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+    # --- models ---
+
+    def segmentationModels(self) -> list | None:
+        """Bundled and user segmentation models; None while the engine's packages are missing."""
+        if dependencies.torch_missing() is not None or dependencies.missing_requirements():
+            return None
+        from DiffusionSegLib.models import list_models
+
+        return list_models("segmentor")
+
+    def modelsFolder(self) -> Path:
+        from DiffusionSegLib.models import user_models_dir
+
+        folder = user_models_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def isUserModel(self, path: str) -> bool:
+        if not path or dependencies.missing_requirements() or dependencies.torch_missing():
+            return False
+        return Path(path).resolve().parent == self.modelsFolder().resolve()
+
+    def describeModel(self, path: str) -> str:
+        card = Path(path) / "model.json"
+        try:
+            data = json.loads(card.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            return _("Cannot read {card}: {error}").format(card=card, error=e)
+        provenance = data.get("provenance") or {}
+        parts = [f"{data.get('name') or Path(path).name}: {data.get('kind')}, preset {data.get('preset')}, strategy {data.get('strategy')}"]
+        if provenance.get("created"):
+            parts.append(_("created {when}").format(when=provenance["created"]))
+        if provenance.get("training_slices"):
+            slices = provenance["training_slices"]
+            parts.append(_("{count} training slices ({organs})").format(count=slices.get("slices"), organs=", ".join(slices.get("organs", []))))
+        parts.append(str(path))
+        return "\n".join(parts)
+
+    def deleteModel(self, path: str) -> None:
+        if not self.isUserModel(path):
+            raise ValueError(_("{path} is not one of your fine-tuned models; bundled models cannot be deleted here.").format(path=path))
+        shutil.rmtree(path)
+
+    # --- scene I/O ---
+
+    @staticmethod
+    def exportVolume(volumeNode, path: Path) -> Path:
+        """Write a volume with a temporary storage node, leaving the node's own storage (and file name) alone."""
+        storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        try:
+            storageNode.SetFileName(str(path))
+            storageNode.UseCompressionOff()
+            if not storageNode.WriteData(volumeNode):
+                raise RuntimeError(_("Cannot write {name} to {path}").format(name=volumeNode.GetName(), path=path))
+        finally:
+            slicer.mrmlScene.RemoveNode(storageNode)
+        return path
+
+    @staticmethod
+    def exportSegmentation(segmentationNode, path: Path) -> Path:
+        """Write a segmentation as Slicer saves it (.seg.nrrd), with a temporary storage node."""
+        storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        try:
+            storageNode.SetFileName(str(path))
+            if not storageNode.WriteData(segmentationNode):
+                raise RuntimeError(_("Cannot write {name} to {path}").format(name=segmentationNode.GetName(), path=path))
+        finally:
+            slicer.mrmlScene.RemoveNode(storageNode)
+        return path
+
+    @staticmethod
+    def importSegmentation(path: Path, segmentationNode, volumeNode) -> None:
+        """Replace the segments of `segmentationNode` by those of a .seg.nrrd and tie it to the CT."""
+        storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        try:
+            storageNode.SetFileName(str(path))
+            if not storageNode.ReadData(segmentationNode):
+                raise RuntimeError(_("Cannot read the segmentation {path}").format(path=path))
+        finally:
+            slicer.mrmlScene.RemoveNode(storageNode)
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID())
+        segmentationNode.CreateDefaultDisplayNodes()
+
+    @staticmethod
+    def placeBeside(node, volumeNode) -> None:
+        """Put `node` under the CT's parent (study) in the subject hierarchy."""
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        parent = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
+        shNode.SetItemParent(shNode.GetItemByDataNode(node), parent)
+
+    def newSegmentation(self, volumeNode, suffix: str):
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} {suffix}")
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        self.placeBeside(node, volumeNode)
+        return node
+
+    @staticmethod
+    def workFolder(kind: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"DiffusionSeg-{kind}-", dir=slicer.app.temporaryPath))
+
+    # --- annotation ---
+
+    def prepareAnnotation(self, volumeNode, segmentationNode=None):
+        """A segmentation with all 13 organ segments (missing ones added empty, with terminology), ready to paint."""
+        from DiffusionSegLib.organs import ORGANS, match_organ, terminology_string
+
+        if volumeNode is None:
+            raise ValueError(_("Select a CT volume first."))
+        if segmentationNode is None:
+            segmentationNode = self.newSegmentation(volumeNode, "annotation")
+        else:
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentation = segmentationNode.GetSegmentation()
+        present = {organ.label for organ in filter(None, (match_organ(*self._segmentNameAndTerminology(segmentation, i))
+                                                          for i in segmentation.GetSegmentIDs()))}
+        for organ in ORGANS:
+            if organ.label in present:
+                continue
+            segmentId = segmentation.AddEmptySegment(f"Segment_{organ.label}", organ.display_name, organ.color_float)
+            segment = segmentation.GetSegment(segmentId)
+            segment.SetTerminology(terminology_string(organ))
+            segment.SetNameAutoGenerated(False)
+            segment.SetColorAutoGenerated(False)
+        segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID())
+        return segmentationNode
+
+    @staticmethod
+    def _segmentNameAndTerminology(segmentation, segmentId: str) -> tuple[str, str | None]:
+        segment = segmentation.GetSegment(segmentId)
+        return segment.GetName(), segment.GetTerminology() or None
+
+    @staticmethod
+    def openSegmentEditor(segmentationNode, volumeNode) -> None:
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentationNode)
+        editor.setSourceVolumeNode(volumeNode)
+
+    @staticmethod
+    def axialAxis(volumeNode) -> int:
+        from DiffusionSegLib.writeback import axial_axis, lps_direction_from_ras
+
+        directions = [[0.0] * 3 for _ in range(3)]
+        volumeNode.GetIJKToRASDirections(directions)
+        return axial_axis(lps_direction_from_ras(directions))
+
+    def _labelsOnVolume(self, segmentationNode, volumeNode) -> tuple[np.ndarray, list[str]]:
+        """The segmentation as FLARE22 labels on the CT grid (k, j, i) and the names of non-empty unmatched segments."""
+        from DiffusionSegLib.writeback import organ_labels, segment_organ_ids
+
+        segmentation = segmentationNode.GetSegmentation()
+        ids = list(segmentation.GetSegmentIDs())
+        labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        try:
+            segmentIds = vtk.vtkStringArray()
+            for segmentId in ids:
+                segmentIds.InsertNextValue(segmentId)
+            # with a reference volume the labelmap has exactly its grid; value = position in `ids` + 1
+            slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentationNode, segmentIds, labelmapNode, volumeNode)
+            values = slicer.util.arrayFromVolume(labelmapNode)
+            if values.shape != slicer.util.arrayFromVolume(volumeNode).shape:
+                raise RuntimeError(_("The exported labelmap does not match the CT grid; is the segmentation transformed?"))
+            labels, unmatched = organ_labels(values, segment_organ_ids([self._segmentNameAndTerminology(segmentation, i) for i in ids]))
+        finally:
+            slicer.mrmlScene.RemoveNode(labelmapNode)
+        return labels, [segmentation.GetSegment(ids[n]).GetName() for n in unmatched]
+
+    @staticmethod
+    def _recorded(segmentationNode) -> list[int]:
+        text = segmentationNode.GetAttribute(ANNOTATED_SLICES_ATTRIBUTE)
+        return [int(i) for i in json.loads(text)] if text else []
+
+    @staticmethod
+    def _writtenPath(segmentationNode) -> Path | None:
+        text = segmentationNode.GetAttribute(WRITTEN_LABELS_ATTRIBUTE)
+        return Path(text) if text and Path(text).is_file() else None
+
+    def annotationStatus(self, segmentationNode, volumeNode) -> dict:
+        """Annotated axial slices, organs painted on them and unmatched segment names."""
+        import SimpleITK as sitk
+
+        from DiffusionSegLib.writeback import annotated_slices, annotation_summary
+
+        labels, unmatched = self._labelsOnVolume(segmentationNode, volumeNode)
+        axis = self.axialAxis(volumeNode)
+        writtenPath = self._writtenPath(segmentationNode)
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(writtenPath))) if writtenPath else None
+        if written is not None and written.shape != labels.shape:
+            written = None  # written for another CT grid: fall back to what was recorded
+        slices = annotated_slices(labels, axis, written, self._recorded(segmentationNode))
+        return {**annotation_summary(labels, slices, axis), "unmatched": unmatched}
+
+    # --- background runs ---
+
+    def start(self, args: list[str], onDone: Callable[[int], None]) -> None:
+        """Run the engine with `args` in a child process; `onDone(returncode)` once it has ended."""
+        if self.run is not None:
+            raise RuntimeError(_("DiffusionSeg is already running; wait for it or cancel it first."))
+        python = shutil.which("PythonSlicer") or sys.executable
+        command = commands.engine_command(python) + args
+        self.logCallback(" ".join(f'"{c}"' if " " in c else c for c in command))
+        self.run = BackgroundRun(command, env=commands.child_environment(os.environ, _engine_parent()))
+        self._onRunDone = onDone
+        self._cancelRequestedAt = None
+        self._timer.start()
+
+    def _poll(self) -> None:
+        run = self.run
+        if run is None:
+            self._timer.stop()
+            return
+        result = run.poll()
+        for event in result.events:
+            if isinstance(event, ProgressUpdate):
+                self.progressCallback(event)
+            elif isinstance(event, Message | LogLine):
+                self.logCallback(event.text)
+        if self._cancelRequestedAt is not None and not result.finished and time.monotonic() - self._cancelRequestedAt > CANCEL_GRACE_S:
+            run.kill()
+        if result.finished:
+            self._timer.stop()
+            self.run = None
+            self._lastStderr = run.stderr_tail
+            onDone, self._onRunDone = self._onRunDone, None
+            if onDone is not None:
+                try:
+                    onDone(commands.EXIT_CANCELLED if run.cancel_requested else result.returncode)
+                except Exception as e:  # a failing follow-up step must still end the job, or the UI stays busy
+                    logging.exception("DiffusionSeg follow-up step failed")
+                    self._finish(False, _("Failed: {error}").format(error=e))
+
+    def cancel(self) -> None:
+        if self.run is not None:
+            self.logCallback(_("Cancelling..."))
+            self._cancelRequestedAt = time.monotonic()
+            self.run.cancel()
+
+    def waitForCompletion(self, timeout: float = 3600) -> None:
+        """Process events until the current run (and what it chains) has ended: for scripts and the self-test."""
+        deadline = time.monotonic() + timeout
+        while self.run is not None or self._jobDone is not None:
+            if time.monotonic() > deadline:
+                self.cancel()
+                raise TimeoutError(_("DiffusionSeg did not finish within {seconds} s").format(seconds=timeout))
+            slicer.app.processEvents()
+            time.sleep(0.02)
+
+    def _finish(self, ok: bool, message: str, outOfMemory: bool = False) -> None:
+        done, self._jobDone = self._jobDone, None
+        if done is not None:
+            done(ok, message, outOfMemory)
+
+    def _failed(self, code: int, what: str) -> None:
+        self._finish(False, f"{what} {commands.describe_exit(code, self._lastStderr)}", commands.is_out_of_memory(self._lastStderr))
+
+    # --- jobs ---
+
+    def segment(self, volumeNode, segmentationNode, model: str, device: str, onDone: Callable[[bool, str, bool], None]):
+        """Segment the CT in the background into `segmentationNode` (created when None, and returned)."""
+        if volumeNode is None:
+            raise ValueError(_("Select a CT volume first."))
+        if not model:
+            raise ValueError(_("Select a segmentation model first (or fine-tune one)."))
+        if segmentationNode is None:
+            segmentationNode = self.newSegmentation(volumeNode, "organs")
+        folder = self.workFolder("segment")
+        ct = self.exportVolume(volumeNode, folder / "ct.nrrd")
+        result, report = folder / "result.seg.nrrd", folder / "uncertainty.json"
+        self._jobDone = onDone
+        started = time.monotonic()
+
+        def done(code: int) -> None:
+            if code != 0:
+                self._failed(code, _("Segmenting"))
+            else:
+                try:
+                    self.importSegmentation(result, segmentationNode, volumeNode)
+                    self.placeBeside(segmentationNode, volumeNode)
+                    segmentationNode.SetAttribute(UNCERTAINTY_ATTRIBUTE, report.read_text(encoding="utf-8"))
+                    self._finish(True, _("Segmented in {seconds:.0f} s.").format(seconds=time.monotonic() - started))
+                except Exception as e:
+                    self._finish(False, _("Segmenting finished but the result could not be loaded: {error}").format(error=e))
+            shutil.rmtree(folder, ignore_errors=True)
+
+        self.start(commands.segment_args(ct, result, model=model, device=device, uncertainty=report), done)
+        return segmentationNode
+
+    def finetune(self, volumeNode, annotationNode, settings: commands.FinetuneSettings, name: str | None, device: str,
+                 onDone: Callable[[bool, str, bool], None]) -> None:
+        """Fine-tune on the annotated slices, segment with the new model and write back, keeping painted slices."""
+        from DiffusionSegLib.models import list_models, user_models_dir
+        from DiffusionSegLib.writeback import prepare_annotation
+
+        if volumeNode is None or annotationNode is None:
+            raise ValueError(_("Select a CT volume and the annotation segmentation first."))
+        folder = self.workFolder("finetune")
+        ct = self.exportVolume(volumeNode, folder / "ct.nrrd")
+        annotation = self.exportSegmentation(annotationNode, folder / "annotation.seg.nrrd")
+        painted = folder / "painted.seg.nrrd"
+        writtenPath = self._writtenPath(annotationNode)
+        summary = prepare_annotation(ct, annotation, painted, self._recorded(annotationNode), writtenPath)
+        self.logCallback(_("Fine-tuning on {count} annotated slices; organs: {organs}").format(
+            count=len(summary["slices"]), organs=", ".join(summary["organs"])))
+        folderName = commands.model_folder_name(name or volumeNode.GetName(), [i.name for i in list_models()])
+        output = user_models_dir() / folderName
+        self._jobDone = onDone
+        started = time.monotonic()
+
+        def trained(code: int) -> None:
+            if code != 0:
+                self._failed(code, _("Fine-tuning"))
+                shutil.rmtree(folder, ignore_errors=True)
+                return
+            self.lastModel = output
+            self.logCallback(_("Saved the fine-tuned model {name} in {path}").format(name=name or folderName, path=output))
+            prediction, report = folder / "prediction.seg.nrrd", folder / "uncertainty.json"
+            self.start(commands.segment_args(ct, prediction, model=output, device=device, uncertainty=report),
+                       lambda code: segmented(code, prediction, report))
+
+        def segmented(code: int, prediction: Path, report: Path) -> None:
+            try:
+                if code != 0:
+                    self._failed(code, _("Segmenting with the fine-tuned model"))
+                    return
+                self.writeBack(volumeNode, annotationNode, ct, prediction, painted, summary["slices"], report)
+                self._finish(True, _("Fine-tuned and segmented in {seconds:.0f} s; your {count} painted slices were kept.").format(
+                    seconds=time.monotonic() - started, count=len(summary["slices"])))
+            except Exception as e:
+                self._finish(False, _("Writing the result back failed: {error}").format(error=e))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        self.start(commands.finetune_args([ct], [painted], output, settings, name=name or folderName, device=device), trained)
+
+    def writeBack(self, volumeNode, annotationNode, ct: Path, prediction: Path, painted: Path, slices: list[int], report: Path) -> None:
+        """Load prediction + painted slices into the annotation node and remember what was written."""
+        from DiffusionSegLib.models import user_models_dir
+        from DiffusionSegLib.writeback import write_back
+
+        writtenFolder = user_models_dir().parent / "written-labels"
+        writtenFolder.mkdir(parents=True, exist_ok=True)
+        written = self._writtenPath(annotationNode) or writtenFolder / f"{uuid.uuid4().hex}.nrrd"
+        merged = prediction.with_name("merged.seg.nrrd")
+        write_back(ct, prediction, painted, merged, slices, written)
+        self.importSegmentation(merged, annotationNode, volumeNode)
+        annotationNode.SetAttribute(ANNOTATED_SLICES_ATTRIBUTE, json.dumps(sorted(slices)))
+        annotationNode.SetAttribute(WRITTEN_LABELS_ATTRIBUTE, str(written))
+        annotationNode.SetAttribute(UNCERTAINTY_ATTRIBUTE, report.read_text(encoding="utf-8"))
+
+    # --- suggestions ---
+
+    def suggestSlice(self, reportNode, annotationNode, volumeNode) -> tuple[int, float, int] | None:
+        """(slice index, its uncertainty, number of candidates) of the most uncertain unannotated slice."""
+        from DiffusionSegLib.uncertainty import rank_slices
+
+        if reportNode is None:
+            raise ValueError(_("Segment first: the suggestion comes from the model's uncertainty."))
+        report = json.loads(reportNode.GetAttribute(UNCERTAINTY_ATTRIBUTE))
+        if report["num_slices"] != volumeNode.GetImageData().GetDimensions()[report["slice_axis"]]:
+            raise ValueError(_("The uncertainty report belongs to another CT; segment this CT again."))
+        annotated = self.annotationStatus(annotationNode, volumeNode)["slices"] if annotationNode else []
+        ranked = rank_slices(report, annotated)
+        if not ranked:
+            return None
+        uncertainty = {s["index"]: s["uncertainty"] for s in report["slices"]}
+        return ranked[0], uncertainty[ranked[0]], len(ranked)
+
+    def jumpToSlice(self, volumeNode, index: int) -> None:
+        """Centre all slice views on axial slice `index` of the CT."""
+        dims = volumeNode.GetImageData().GetDimensions()
+        ijk = [(n - 1) / 2.0 for n in dims]
+        ijk[self.axialAxis(volumeNode)] = index
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        ras = matrix.MultiplyPoint([*ijk, 1.0])[:3]
+        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+
+#
+# Self-test
+#
+
+
+class DiffusionSegTest(ScriptedLoadableModuleTest):
+    """Inside Slicer: annotate a synthetic CT programmatically, fine-tune a few CPU iterations, segment, and check
+    names, geometry, subject hierarchy, that painted slices are untouched, and the slice suggestion."""
+
+    PAINTED = (3, 7, 11)
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_DiffusionSegWorkflow()
+
+    @staticmethod
+    def syntheticCT():
+        """A 64 x 56 x 16 CT in HU: air, a body ellipse, a liver-like and a spleen-like blob, with their labels."""
+        k, j, i = np.mgrid[0:16, 0:56, 0:64]
+        body = ((i - 32) / 28.0) ** 2 + ((j - 28) / 22.0) ** 2 <= 1
+        liver = ((i - 20) / 10.0) ** 2 + ((j - 26) / 9.0) ** 2 <= 1
+        spleen = ((i - 46) / 6.0) ** 2 + ((j - 30) / 6.0) ** 2 <= 1
+        ct = np.full(k.shape, -1000, dtype=np.int16)
+        ct[body] = -80
+        ct[liver] = 60
+        ct[spleen] = 45
+        labels = np.zeros(k.shape, dtype=np.uint8)
+        labels[liver] = 1
+        labels[spleen] = 3
+        return ct + np.random.default_rng(0).normal(0, 10, ct.shape).astype(np.int16), labels
+
+    def test_DiffusionSegWorkflow(self):
+        self.delayDisplay("Preparing a synthetic CT")
+        logic = DiffusionSegLogic()
+        messages = []
+        logic.logCallback = messages.append
+        missing = logic.missingDependencies()
+        if missing:
+            logic.installDependencies()
+        ct, labels = self.syntheticCT()
+        ijkToRAS = np.diag([-6.0, -6.0, 12.0, 1.0])  # spacing 6 x 6 x 12 mm, LPS-aligned
+        volume = slicer.util.addVolumeFromArray(ct, ijkToRAS=ijkToRAS, name="SyntheticCT")
+
+        self.delayDisplay("Annotating slices")
+        annotation = logic.prepareAnnotation(volume)
+        segmentation = annotation.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 13)
+        liverId = segmentation.GetSegmentIdBySegmentName("Liver")
+        spleenId = segmentation.GetSegmentIdBySegmentName("Spleen")
+        for segmentId, label in ((liverId, 1), (spleenId, 3)):
+            mask = np.zeros_like(labels)
+            mask[list(self.PAINTED)] = labels[list(self.PAINTED)] == label
+            slicer.util.updateSegmentBinaryLabelmapFromArray(mask, annotation, segmentId, volume)
+        status = logic.annotationStatus(annotation, volume)
+        self.assertEqual(status["slices"], list(self.PAINTED))
+        self.assertEqual(status["organs"], ["liver", "spleen"])
+        paintedBefore = {s: slicer.util.arrayFromSegmentBinaryLabelmap(annotation, s, volume)[list(self.PAINTED)].copy()
+                         for s in (liverId, spleenId)}
+
+        self.delayDisplay("Fine-tuning a few iterations on the CPU, then segmenting and writing back")
+        results = []
+        settings = commands.FinetuneSettings(strategy="fs", preset="tiny", iterations=3)
+        name = f"selftest-{int(time.time())}"
+        logic.finetune(volume, annotation, settings, name, "cpu", lambda ok, message, oom: results.append((ok, message)))
+        logic.waitForCompletion(1800)
+        self.assertTrue(results and results[0][0], f"{results} {messages[-10:]}")
+        model = logic.lastModel
+        try:
+            self.assertTrue((model / "model.json").is_file())
+            self.assertIn(str(model), [str(m.path) for m in logic.segmentationModels()])
+            self.assertEqual(segmentation.GetNumberOfSegments(), 13)
+            for segmentId, before in paintedBefore.items():
+                after = slicer.util.arrayFromSegmentBinaryLabelmap(annotation, segmentId, volume)[list(self.PAINTED)]
+                np.testing.assert_array_equal(after, before)
+            for segmentId in set(segmentation.GetSegmentIDs()) - {liverId, spleenId}:  # painted background stays background
+                self.assertFalse(slicer.util.arrayFromSegmentBinaryLabelmap(annotation, segmentId, volume)[list(self.PAINTED)].any())
+            self.assertEqual(logic.annotationStatus(annotation, volume)["slices"], list(self.PAINTED))
+
+            self.delayDisplay("Segmenting with the fine-tuned model")
+            results.clear()
+            result = logic.segment(volume, None, str(model), "cpu", lambda ok, message, oom: results.append((ok, message)))
+            logic.waitForCompletion(600)
+            self.assertTrue(results and results[0][0], f"{results} {messages[-10:]}")
+            from DiffusionSegLib.organs import ORGANS
+
+            names = {ORGANS[i].display_name for i in range(13)}
+            resultSegmentation = result.GetSegmentation()
+            for segmentId in resultSegmentation.GetSegmentIDs():
+                segment = resultSegmentation.GetSegment(segmentId)
+                self.assertIn(segment.GetName(), names)
+                self.assertIsNotNone(logic._segmentNameAndTerminology(resultSegmentation, segmentId)[1])
+            self.assertEqual(result.GetNodeReference(result.GetReferenceImageGeometryReferenceRole()), volume)
+            labelmap, _unmatched = logic._labelsOnVolume(result, volume)
+            self.assertEqual(labelmap.shape, slicer.util.arrayFromVolume(volume).shape)
+            shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+            self.assertEqual(shNode.GetItemParent(shNode.GetItemByDataNode(result)), shNode.GetItemParent(shNode.GetItemByDataNode(volume)))
+
+            self.delayDisplay("Suggesting the next slice")
+            suggestion = logic.suggestSlice(annotation, annotation, volume)
+            self.assertIsNotNone(suggestion)
+            self.assertNotIn(suggestion[0], self.PAINTED)
+            logic.jumpToSlice(volume, suggestion[0])
+        finally:
+            if model is not None and logic.isUserModel(str(model)):
+                logic.deleteModel(str(model))
+        self.delayDisplay("Test passed")
