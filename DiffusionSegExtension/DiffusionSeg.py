@@ -513,6 +513,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         self._cancelRequestedAt: float | None = None
         self._jobDone: Callable[[bool, str, bool], None] | None = None
         self._lastStderr = ""  # stderr tail of the last finished run, for error messages
+        self._deviceCache: dict | None = None
 
     def getParameterNode(self):
         return DiffusionSegParameterNode(super().getParameterNode())
@@ -564,22 +565,23 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         if missing:
             raise DependencyError(_("Still missing after installation: {packages}").format(packages=", ".join(m.describe() for m in missing)))
 
-    @staticmethod
-    def cudaAvailable() -> bool | None:
+    def _devices(self) -> dict | None:
+        """Which accelerators torch sees (asked once: the device warning is refreshed on every parameter change)."""
+        if self._deviceCache is None and dependencies.torch_missing() is None:
+            import torch
+
+            mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+            self._deviceCache = {"cuda": torch.cuda.is_available(), "mps": mps}
+        return self._deviceCache
+
+    def cudaAvailable(self) -> bool | None:
         """None when torch is not installed yet (then nothing is known about the GPU)."""
-        if dependencies.torch_missing() is not None:
-            return None
-        import torch
+        devices = self._devices()
+        return None if devices is None else devices["cuda"]
 
-        return torch.cuda.is_available()
-
-    @staticmethod
-    def mpsAvailable() -> bool:
-        if dependencies.torch_missing() is not None:
-            return False
-        import torch
-
-        return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    def mpsAvailable(self) -> bool:
+        devices = self._devices()
+        return bool(devices and devices["mps"])
 
     # --- models ---
 
@@ -846,7 +848,8 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Select a CT volume first."))
         if not model:
             raise ValueError(_("Select a segmentation model first (or fine-tune one)."))
-        if segmentationNode is None:
+        created = segmentationNode is None
+        if created:
             segmentationNode = self.newSegmentation(volumeNode, "organs")
         folder = self.workFolder("segment")
         ct = self.exportVolume(volumeNode, folder / "ct.nrrd")
@@ -856,6 +859,8 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
 
         def done(code: int) -> None:
             if code != 0:
+                if created:  # no empty node left behind by a failed or cancelled run
+                    slicer.mrmlScene.RemoveNode(segmentationNode)
                 self._failed(code, _("Segmenting"))
             else:
                 try:
