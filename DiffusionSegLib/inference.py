@@ -20,20 +20,23 @@ def predict_probabilities(
     device: torch.device,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    channels_last: bool = True,
 ) -> np.ndarray:
     """Class probabilities of model-space slices (N x S x S) as uint8 (0-255), N x C x S x S.
 
     uint8 keeps a 600-slice volume's 14 class maps at ~550 MB instead of 2.2 GB of float32, and the
-    rounding (1/255) does not change which class wins anywhere that matters.
+    rounding (1/255) does not change which class wins anywhere that matters. channels_last (NHWC)
+    convolutions measured ~1.45x faster on the CPU (oneDNN) and suit tensor cores on CUDA.
     """
-    segmentor.eval().to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    segmentor.eval().to(device, memory_format=memory_format)
     n = slices.shape[0]
     size = slices.shape[1:]
     out = np.empty((n, segmentor.num_classes, *size), dtype=np.uint8)
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            x = torch.from_numpy(slices[start:stop]).to(device, torch.float32)[:, None]
+            x = torch.from_numpy(slices[start:stop]).to(device, torch.float32)[:, None].contiguous(memory_format=memory_format)
             with autocast(device):
                 logits = segmentor(x)
             probs = logits.float().softmax(dim=1).mul_(255).round_().to(torch.uint8)

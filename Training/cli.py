@@ -1,4 +1,4 @@
-"""`diffusionseg-train` / `python -m Training`: prepare, pretrain, sample, evaluate-generation, export."""
+"""`diffusionseg-train` / `python -m Training`: prepare, pretrain, sample, evaluate-generation, export, benchmark."""
 
 from __future__ import annotations
 
@@ -10,19 +10,24 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
+from tqdm import tqdm
 
 from DiffusionSegLib.devices import configure_cpu_threads, resolve_device
 from DiffusionSegLib.diffusion import SCHEDULES, GaussianDiffusion
 from DiffusionSegLib.errors import InputError
-from DiffusionSegLib.models import load_unet
+from DiffusionSegLib.imageio import read_ct, read_labels
+from DiffusionSegLib.models import load_unet, read_card, resolve_model
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from DiffusionSegLib.unet import PRESETS, UNetConfig, UNetModel
 
+from .benchmark_report import overlay_figure, strategy_name, write_report
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .export import export
 from .generation_metrics import check_counts, evaluate_generation, load_samples, reference_subset
 from .inception import POOL_FEATURES, load_inception
+from .label_efficiency import STRATEGY_ORDER, BenchmarkConfig, Run, load_benchmark_data, plan_runs, run_benchmark, summarise
 from .prepare import prepare
 from .pretrain import PretrainConfig, pretrain
 from .samples import sample, save_grid
@@ -82,6 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--name")
     e.add_argument("--half", action="store_true", help="store weights in float16")
+
+    b = sub.add_parser("benchmark", help="label efficiency: FT-dec, LP and FS at several label budgets, scored on held-out slices")
+    b.add_argument("--pretrained", required=True, help="pretrained model name or folder (kind 'pretrained')")
+    b.add_argument("--image", required=True, help="labelled CT")
+    b.add_argument("--labels", required=True, help="its labelmap (FLARE22 ids) or .seg.nrrd")
+    b.add_argument("-o", "--output", required=True, help="report folder (runs already in it are reused, so a stopped benchmark resumes)")
+    b.add_argument("--budgets", nargs="+", default=["4", "10%", "all"], help="label budgets: N slices (organ cover), P%% of the pool (random), all")
+    b.add_argument("--strategies", nargs="+", choices=STRATEGY_ORDER, default=list(STRATEGY_ORDER))
+    b.add_argument("--timesteps", nargs="+", type=int, default=[0], help="diffusion timesteps for FT-dec (default 0), e.g. 0 100 200")
+    b.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds for the random budgets (fixed budgets use the first)")
+    b.add_argument("--iterations", type=int, default=BenchmarkConfig.iterations)
+    b.add_argument("--batch-size", type=int, default=BenchmarkConfig.batch_size)
+    b.add_argument("--lr", type=float, default=BenchmarkConfig.lr)
+    b.add_argument("--block", type=int, default=BenchmarkConfig.block, help="contiguous slices per split block")
+    b.add_argument("--no-augment", action="store_true")
+    b.add_argument("--device", default="auto")
     return parser
 
 
@@ -163,8 +184,56 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    for budget in args.budgets:
+        if not (budget == "all" or budget.isdigit() or (budget.endswith("%") and _is_number(budget[:-1]))):
+            raise InputError(f"--budgets {budget}: use a slice count (4), a percentage of the pool (10%) or 'all'")
+    if args.iterations < 1 or args.batch_size < 1 or args.block < 1:
+        raise InputError("--iterations, --batch-size and --block must be positive")
+    config = BenchmarkConfig(budgets=args.budgets, strategies=args.strategies, timesteps=args.timesteps, seeds=args.seeds,
+                             iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, block=args.block, augment=not args.no_augment)
+    out = Path(args.output)
+    ct = read_ct(args.image)
+    labels = read_labels(args.labels, reference=ct)
+    device = resolve_device(args.device)
+    pretrained = resolve_model(args.pretrained, "pretrained")
+    runs = plan_runs(config)
+    bar = tqdm(total=len(runs), desc="benchmark", unit="run")
+
+    def report(run: Run, record: dict, reused: bool) -> None:
+        bar.update()
+        dsc = record["mean_dsc"]
+        bar.write(f"{run.key}: {len(record['train_slices'])} slices, DSC {dsc if dsc is None else round(100 * dsc, 1)}%"
+                  f"{' (reused)' if reused else ', ' + str(record['train_seconds']) + ' s'}")
+
+    results = run_benchmark(pretrained, ct, labels, out, config, device, on_run=report)
+    bar.close()
+    summary = summarise(results)
+    md, js = write_report(out, results, summary)
+    first = config.budgets[0]
+    predictions = {}
+    for row in summary["table"]:
+        if row["budget"] == first:
+            run = Run(first, config.seeds[0], row["strategy"], row["timestep"])
+            image = sitk.ReadImage(str(out / "runs" / f"{run.key}.nii.gz"))
+            title = f"{strategy_name(row['strategy'], row['timestep'], config.timesteps)} {100 * (row['dsc_mean'] or 0):.0f}%"
+            predictions[title] = image
+    figure = overlay_figure(ct, labels, predictions, results["split"]["test"], load_benchmark_data(ct, labels, read_card(pretrained), config.block).slice_axis,
+                            out / f"overlays-{first.replace('%', 'pct')}.png")
+    print(md.read_text(encoding="utf-8"))
+    print(f"wrote {md}, {js} and {figure}")
+    return 0
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
 COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "sample": cmd_sample, "evaluate-generation": cmd_evaluate_generation,
-            "export": cmd_export}
+            "export": cmd_export, "benchmark": cmd_benchmark}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
