@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .annotations import training_slices
-from .devices import DEVICES, configure_cpu_threads, resolve_device
+from .devices import DEVICES, configure_cpu_threads, describe_hardware, resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import Cancelled, InputError
 from .finetune import FinetuneConfig, finetune
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, help="random seed (default 0)")
     ft.add_argument("--no-augment", action="store_true", help="train without affine and intensity augmentation")
     ft.add_argument("--name", help="model name recorded in model.json (default: the folder name)")
+    ft.add_argument("--half", action="store_true", help="store the weights in float16 (half the size; they are used in float32)")
     common(ft)
 
     ev = sub.add_parser("evaluate", help="per-organ DSC and Jaccard of a prediction against a reference")
@@ -233,11 +234,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "final_loss": result.final_loss,
             "seconds": round(result.seconds, 1),
             "device": str(device),
+            "hardware": describe_hardware(device),
             "config": config.to_dict(),
             "metrics": {},
         },
     )
-    save_model(output, card, segmentor.state_dict())
+    save_model(output, card, segmentor.state_dict(), half=args.half)
     progress.message(f"wrote {output} ({result.iterations} iterations, final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
     return 0
 

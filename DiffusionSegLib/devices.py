@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 
@@ -47,3 +48,15 @@ def autocast(device: torch.device) -> torch.autocast:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast(device.type, enabled=False)
+
+
+def describe_hardware(device: torch.device, processes: int = 1) -> dict:
+    """What a model card records about where it was trained: device name, CPU, threads, processes."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    return {"device": device.type, "name": name, "cpu": cpu, "cpu_threads": torch.get_num_threads(), "processes": processes}

@@ -41,6 +41,7 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, hal
             "iterations": saved.step,
             "final_loss": state.get("final_loss"),
             "training_seconds": state.get("history", {}).get("seconds"),
+            "hardware": state.get("hardware"),
             "data": {"slices_dir": str(data_dir), "volumes": report.get("volumes"), "slices": report.get("slices"),
                      "skipped": report.get("skipped", [])},
             "config": state["config"],

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from DiffusionSegLib.devices import describe_hardware
 from DiffusionSegLib.diffusion import GaussianDiffusion
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.unet import PRESETS, UNetModel, count_parameters, preset_config
@@ -248,7 +249,8 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
     def checkpoint() -> None:
         if env.main:
             state = {"config": asdict(config), "unet": unet_config.to_dict(), "schedule": diffusion.to_dict(), "data": str(data.resolve()),
-                     "preprocessing": dataset.index.spec.to_dict(), "history": history, "final_loss": last_loss}
+                     "preprocessing": dataset.index.spec.to_dict(), "history": history, "final_loss": last_loss,
+                     "hardware": describe_hardware(device, env.world_size)}
             save_checkpoint(run_dir / "checkpoints", Checkpoint(step, model.state_dict(), ema.state_dict(), optimizer.state_dict(), state),
                             config.keep_checkpoints)
         if env.world_size > 1:
