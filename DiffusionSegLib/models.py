@@ -240,12 +240,12 @@ def resolve_model(name_or_path: str | Path | None, kind: str) -> Path:
                 return root / default
         if kind == "segmentor":
             raise InputError(
-                "no segmentation model is installed: this release ships no trained model yet. "
-                "Fine-tune one with 'diffusionseg finetune --image CT --labels LABELS -o MODEL_DIR' "
-                "and pass '--model MODEL_DIR'"
+                f"no segmentation model is installed: the bundled '{DEFAULT_SEGMENTOR}' is missing from {BUNDLED_DIR} "
+                "(reinstall DiffusionSeg, or rebuild it with Training/reproduce_bundled_models.sh). "
+                "Or fine-tune one with 'diffusionseg finetune --image CT --labels LABELS -o MODEL_DIR' and pass '--model MODEL_DIR'"
             )
         raise InputError(
-            "no DDPM-pretrained model is installed: this release ships none yet. Pass '--base MODEL_DIR' "
+            f"no DDPM-pretrained model is installed: the bundled '{DEFAULT_PRETRAINED}' is missing from {BUNDLED_DIR}. Pass '--base MODEL_DIR' "
             "(e.g. one exported by 'diffusionseg-train export') or train from scratch with '--strategy fs --preset small'"
         )
     path = Path(name_or_path).expanduser()

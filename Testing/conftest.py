@@ -74,3 +74,14 @@ def phantom_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     sitk.WriteImage(ct, str(paths["ct"]))
     sitk.WriteImage(labels, str(paths["labels"]))
     return paths
+
+
+@pytest.fixture
+def no_bundled_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An installation whose bundled models are missing (what the default-model errors are about)."""
+    from DiffusionSegLib import models
+
+    empty = tmp_path / "no-bundled-models"
+    empty.mkdir()
+    monkeypatch.setattr(models, "BUNDLED_DIR", empty)
+    return empty

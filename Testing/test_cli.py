@@ -161,7 +161,7 @@ def bad_inputs(tmp_path, phantom_files) -> dict[str, Path]:
     "case",
     ["missing", "corrupt", "flat", "photo", "id14", "other_grid", "empty", "no_model", "bad_model", "bad_suffix", "pair_count"],
 )
-def test_bad_input_is_one_clear_line(case, bad_inputs, fs_model, tmp_path, capsys):
+def test_bad_input_is_one_clear_line(case, bad_inputs, fs_model, tmp_path, capsys, no_bundled_models):
     b = bad_inputs
     out_model = tmp_path / "new-model"
     finetune = ["finetune", "-o", out_model, "--strategy", "fs", *FAST]

@@ -107,7 +107,7 @@ def test_user_models_are_listed_and_resolved_by_name():
         resolve_model("no-such-model", "segmentor")
 
 
-def test_no_default_model_says_so():
+def test_no_default_model_says_so(no_bundled_models):
     with pytest.raises(InputError, match="no segmentation model is installed"):
         resolve_model(None, "segmentor")
     with pytest.raises(InputError, match="no DDPM-pretrained model is installed"):
