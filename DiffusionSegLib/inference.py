@@ -30,6 +30,22 @@ def predict_probabilities(
     """
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     segmentor.eval().to(device, memory_format=memory_format)
+    try:
+        return _predict(segmentor, slices, device, batch_size, on_batch, memory_format)
+    finally:
+        # Leave the weights in the usual layout: a caller that trains between predictions (or holds
+        # optimiser state for them) must not find them changed.
+        segmentor.to(memory_format=torch.contiguous_format)
+
+
+def _predict(
+    segmentor: Segmentor,
+    slices: np.ndarray,
+    device: torch.device,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None,
+    memory_format: torch.memory_format,
+) -> np.ndarray:
     n = slices.shape[0]
     size = slices.shape[1:]
     out = np.empty((n, segmentor.num_classes, *size), dtype=np.uint8)

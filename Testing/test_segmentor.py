@@ -81,3 +81,18 @@ def test_timestep_changes_features():
 
 def test_default_head_widths():
     assert DEFAULT_HEAD_WIDTH["b"] == 128 and DEFAULT_HEAD_WIDTH["l"] == 256
+
+
+def test_channels_last_prediction_matches_and_leaves_the_weights_as_they_were():
+    import numpy as np
+
+    from DiffusionSegLib.inference import predict_probabilities
+
+    torch.manual_seed(0)
+    segmentor = Segmentor(preset_config("tiny"), head_width=32)
+    slices = np.random.default_rng(0).uniform(-1, 1, (3, 64, 64)).astype(np.float32)
+    fast = predict_probabilities(segmentor, slices, torch.device("cpu"), batch_size=2, channels_last=True)
+    plain = predict_probabilities(segmentor, slices, torch.device("cpu"), batch_size=2, channels_last=False)
+    assert fast.dtype == np.uint8 and fast.shape == (3, 14, 64, 64)
+    assert np.abs(fast.astype(int) - plain.astype(int)).max() <= 1
+    assert all(p.is_contiguous() for p in segmentor.parameters())
