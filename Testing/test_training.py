@@ -22,7 +22,7 @@ from DiffusionSegLib.cli import main as diffusionseg
 from DiffusionSegLib.models import load_unet
 from Training.checkpoint import Checkpoint, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from Training.cli import main as train
-from Training.pretrain import PretrainConfig, lr_at
+from Training.pretrain import PretrainConfig, ema_decay_at, lr_at
 from Training.shards import SliceDataset, read_index
 
 FAST = ["--preset", "tiny", "--batch-size", "4", "--workers", "0", "--log-every", "5", "--sample-every", "0", "--no-progress"]
@@ -75,6 +75,15 @@ def test_lr_decays_from_2e4_to_2e5():
     config = PretrainConfig(iterations=101)
     assert lr_at(0, config) == pytest.approx(2e-4) and lr_at(100, config) == pytest.approx(2e-5)
     assert PretrainConfig().ema_decay == 0.9999 and PretrainConfig().schedule == "cosine" and PretrainConfig().hflip
+
+
+def test_ema_decay_warms_up_to_the_configured_value():
+    config = PretrainConfig()
+    assert ema_decay_at(0, config) == pytest.approx(0.1) and ema_decay_at(90, config) == pytest.approx(0.91)
+    assert ema_decay_at(200_000, config) == 0.9999
+    assert ema_decay_at(0, PretrainConfig(ema_warmup=False)) == 0.9999
+    decays = [ema_decay_at(n, config) for n in range(0, 100_000, 1000)]
+    assert decays == sorted(decays)
 
 
 def test_bad_configuration_fails_at_once(slices_dir, tmp_path, capsys):

@@ -42,6 +42,10 @@ class PretrainConfig:
     lr: float = 2e-4
     lr_final: float = 2e-5  # reached linearly at the last iteration
     ema_decay: float = 0.9999
+    # Decay min(ema_decay, (1 + n) / (10 + n)) at update n, as TensorFlow's ExponentialMovingAverage with
+    # num_updates: without it the EMA of a short run is still mostly the random initialisation
+    # (0.9999^10000 = 0.37) and samples are noise; from ~90k steps on it is exactly ema_decay.
+    ema_warmup: bool = True
     schedule: str = "cosine"
     num_timesteps: int = 1000
     hflip: bool = True
@@ -71,6 +75,11 @@ class PretrainConfig:
 def lr_at(step: int, config: PretrainConfig) -> float:
     fraction = min(step / max(config.iterations - 1, 1), 1.0)
     return config.lr + (config.lr_final - config.lr) * fraction
+
+
+def ema_decay_at(step: int, config: PretrainConfig) -> float:
+    """The EMA decay for the update made at `step` (0-based)."""
+    return min(config.ema_decay, (1 + step) / (10 + step)) if config.ema_warmup else config.ema_decay
 
 
 @torch.no_grad()
@@ -275,7 +284,7 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                update_ema(ema_params, params, config.ema_decay)
+                update_ema(ema_params, params, ema_decay_at(step, config))
                 step += 1
                 last_loss = float(loss.detach())
                 window_images += x0.shape[0] * env.world_size
