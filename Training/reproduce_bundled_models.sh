@@ -5,9 +5,10 @@
 #
 # 1. prepare: the unlabeled real CT (../shared/data/unlabeled) -> 64 x 64 slices (6.4 mm, the
 #    default 41 cm field of view), the size the CPU can pretrain to a plateau in about an hour;
-# 2. pretrain: preset small, 3000 iterations of batch 8, EMA 0.999 (0.9999 averages over ~10k steps,
-#    longer than this run), every other setting the method's default; resumable: rerunning the
-#    script continues a stopped run;
+# 2. pretrain: preset small, 3000 iterations of batch 8, EMA 0.999 with the default warm-up
+#    (decay min(0.999, (1+n)/(10+n)), 0.997 at the end: 0.9999 alone averages over ~10k steps, longer
+#    than this run), every other setting the method's default; resumable: rerunning the script
+#    continues a stopped run;
 # 3. export the EMA weights (float16) as "ddpm-pretrained";
 # 4. fine-tune FT-dec on every labelled slice of abdomen-ct-a -> "flare22-segmentor" (float16);
 # 5. install both into DiffusionSegLib/weights and segment abdomen-ct-a with the default model.
