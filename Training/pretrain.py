@@ -252,7 +252,9 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
     bar = tqdm(total=config.iterations, initial=step, desc="pretrain", disable=not (show_progress and env.main), dynamic_ncols=True)
     epoch = step // len(loader)
     skip = step % len(loader)  # resume mid-epoch on the same data order
-    last_loss, window_start, window_images = math.nan, time.monotonic(), 0
+    # A resumed run that has nothing left to do still reports the loss it ended with.
+    last_loss = float(saved.state.get("final_loss") or math.nan) if latest is not None else math.nan
+    window_start, window_images = time.monotonic(), 0
     stopped_by = "iterations"
 
     def checkpoint() -> None:
