@@ -138,10 +138,21 @@ def save_model(folder: str | Path, card: ModelCard, state_dict: Mapping[str, tor
     try:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "kind": card.kind})
         (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+        _usual_permissions(staging)
         _replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only entries; a model folder is shared like any other
+    file (installed packages, a lab's models folder), so give it the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _replace_folder(new: Path, final: Path) -> None:

@@ -121,3 +121,15 @@ def test_refuses_to_overwrite_a_non_model_folder(tmp_path):
     with pytest.raises(InputError, match="not a DiffusionSeg model folder"):
         save_model(tmp_path / "photos", segmentor_card(), segmentor.state_dict())
     assert (tmp_path / "photos" / "holiday.jpg").exists()
+
+
+def test_model_folders_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    segmentor = Segmentor(preset_config("tiny"), head_width=32)
+    folder = save_model(tmp_path / "shared-model", segmentor_card(), segmentor.state_dict())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask for f in folder.iterdir())
