@@ -71,6 +71,10 @@ def test_benchmark_command_reduced(tiny_pretrained, tmp_path, capsys):
     capsys.readouterr()
     assert train(args) == 0
     assert "(reused)" in capsys.readouterr().out
+    # Other settings: the runs are redone, not mixed in.
+    assert train([*args, "--iterations", "2"]) == 0
+    assert "(reused)" not in capsys.readouterr().out
+    assert {r["iterations"] for r in json.loads((out / "report.json").read_text())["runs"]} == {2}
 
 
 def test_benchmark_rejects_bad_budgets_and_a_segmentor(tiny_pretrained, tmp_path, capsys):

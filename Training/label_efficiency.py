@@ -180,6 +180,7 @@ def run_one(
     scores = evaluate(prediction, sitk.GetArrayViewFromImage(labels), split.test, slice_axis)
     record = {
         **asdict(run),
+        "settings": run_settings(config),
         "train_slices": train_slices,
         "organs_in_training": data.summary()["organs"],
         "iterations": result.iterations,
@@ -189,6 +190,11 @@ def run_one(
         **scores,
     }
     return record, prediction
+
+
+def run_settings(config: BenchmarkConfig) -> dict:
+    """What a finished run must share with the current plan to be reused instead of redone."""
+    return {"iterations": config.iterations, "batch_size": config.batch_size, "lr": config.lr, "block": config.block, "augment": config.augment}
 
 
 @dataclass
@@ -226,7 +232,7 @@ def run_benchmark(
     records = []
     for run in plan_runs(config):
         path = runs_dir / f"{run.key}.json"
-        if path.exists():
+        if path.exists() and json.loads(path.read_text()).get("settings") == run_settings(config):
             record = json.loads(path.read_text())
             records.append(record)
             if on_run:
