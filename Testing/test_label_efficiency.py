@@ -60,12 +60,12 @@ def test_benchmark_command_reduced(tiny_pretrained, tmp_path, capsys):
     args = ["benchmark", "--pretrained", str(tiny_pretrained), "--image", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "labels.nii.gz"),
             "-o", str(out), "--budgets", "2", "--strategies", "ft-dec", "fs", "--iterations", "3", "--block", "4", "--device", "cpu"]
     assert train(args) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert [r["strategy"] for r in report["runs"]] == ["ft-dec", "fs"]
     for run in report["runs"]:
         assert len(run["train_slices"]) == 2 and not set(run["train_slices"]) & set(report["split"]["test"])
         assert run["iterations"] == 3 and 0 <= run["mean_dsc"] <= 1
-    assert "| FT-dec (DSC) |" in (out / "report.md").read_text()
+    assert "| FT-dec (DSC) |" in (out / "report.md").read_text(encoding="utf-8")
     assert (out / "overlays-2.png").stat().st_size > 0
     # A second call reuses the finished runs instead of training again.
     capsys.readouterr()
@@ -74,7 +74,7 @@ def test_benchmark_command_reduced(tiny_pretrained, tmp_path, capsys):
     # Other settings: the runs are redone, not mixed in.
     assert train([*args, "--iterations", "2"]) == 0
     assert "(reused)" not in capsys.readouterr().out
-    assert {r["iterations"] for r in json.loads((out / "report.json").read_text())["runs"]} == {2}
+    assert {r["iterations"] for r in json.loads((out / "report.json").read_text(encoding="utf-8"))["runs"]} == {2}
 
 
 def test_benchmark_rejects_bad_budgets_and_a_segmentor(tiny_pretrained, tmp_path, capsys):

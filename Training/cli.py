@@ -220,7 +220,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             predictions[title] = image
     figure = overlay_figure(ct, labels, predictions, results["split"]["test"], load_benchmark_data(ct, labels, read_card(pretrained), config.block).slice_axis,
                             out / f"overlays-{first.replace('%', 'pct')}.png")
-    print(md.read_text(encoding="utf-8"))
+    text = md.read_text(encoding="utf-8")  # "±" must not crash a terminal with an ASCII locale
+    print(text.encode(sys.stdout.encoding or "utf-8", "replace").decode(sys.stdout.encoding or "utf-8"))
     print(f"wrote {md}, {js} and {figure}")
     return 0
 
