@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import torch
 
 from .devices import autocast
-from .preprocessing import PreprocessingSpec, probabilities_to_image_space, to_model_space
+from .preprocessing import ModelSpaceVolume, PreprocessingSpec, probabilities_to_image_space, to_model_space
 from .progress import Progress
 from .segmentor import Segmentor
 
@@ -69,8 +69,13 @@ def segment_ct(
     device: torch.device,
     batch_size: int = 8,
     progress: Progress | None = None,
+    on_probabilities: Callable[[np.ndarray, ModelSpaceVolume], None] | None = None,
 ) -> sitk.Image:
-    """A uint8 FLARE22 labelmap on exactly `ct`'s grid."""
+    """A uint8 FLARE22 labelmap on exactly `ct`'s grid.
+
+    `on_probabilities(probabilities, volume)` sees the model-space class probabilities before they are
+    dropped (e.g. for an uncertainty report), so they are computed once.
+    """
     progress = progress or Progress("none")
     progress.start("preprocess", 1)
     volume = to_model_space(ct, spec)
@@ -79,6 +84,8 @@ def segment_ct(
     probabilities = predict_probabilities(segmentor, volume.slices, device, batch_size, progress.advance)
     progress.start("postprocess", 1)
     labelmap = probabilities_to_image_space(probabilities, volume)
+    if on_probabilities is not None:
+        on_probabilities(probabilities, volume)
     progress.advance()
     progress.finish()
     return labelmap

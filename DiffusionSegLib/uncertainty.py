@@ -115,20 +115,8 @@ def segment_with_uncertainty(
 
     Returns (labelmap on the CT grid, report). The probabilities are computed once and used for both.
     """
-    from .inference import predict_probabilities
-    from .preprocessing import probabilities_to_image_space, to_model_space
-    from .progress import Progress
+    from .inference import segment_ct
 
-    progress = progress or Progress("none")
-    progress.start("preprocess", 1)
-    volume = to_model_space(ct, spec)
-    progress.advance()
-    progress.start("segment", volume.num_slices)
-    probabilities = predict_probabilities(segmentor, volume.slices, device, batch_size, progress.advance)
-    progress.start("postprocess", 2)
-    labelmap = probabilities_to_image_space(probabilities, volume)
-    progress.advance()
-    report = uncertainty_report(probabilities, volume)
-    progress.advance()
-    progress.finish()
-    return labelmap, report
+    reports: list[dict] = []
+    labelmap = segment_ct(ct, segmentor, spec, device, batch_size, progress, lambda p, volume: reports.append(uncertainty_report(p, volume)))
+    return labelmap, reports[0]
