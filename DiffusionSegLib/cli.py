@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .annotations import training_slices
-from .devices import DEVICES, configure_cpu_threads, describe_hardware, resolve_device
+from .devices import DEVICES, configure_cpu, describe_hardware, resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import Cancelled, InputError
 from .finetune import FinetuneConfig, finetune
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("image", help="CT: NIfTI, NRRD, MHA file or a DICOM series folder")
     seg.add_argument("-o", "--output", required=True, help="output: .seg.nrrd (Slicer segmentation) or .nii.gz/.nrrd/.mha labelmap")
     seg.add_argument("--model", help="model name or folder (default: the bundled segmentation model)")
-    seg.add_argument("--batch-size", type=_positive_int, default=8, help="slices per network batch (default 8)")
+    seg.add_argument("--batch-size", type=_positive_int, help="slices per network batch (default 8 on a GPU, 2 on the CPU)")
     seg.add_argument("--uncertainty", help="also write per-axial-slice model uncertainty (input slice indices) to this JSON file")
     common(seg)
 
@@ -275,7 +275,7 @@ COMMANDS = {"segment": cmd_segment, "finetune": cmd_finetune, "evaluate": cmd_ev
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_cpu_threads()
+    configure_cpu()
     previous = signal.signal(signal.SIGTERM, _raise_cancelled)
     started = time.monotonic()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 
@@ -31,8 +32,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def configure_cpu_threads() -> None:
-    """Use the cores this process may run on (containers and job schedulers restrict them)."""
+def configure_cpu() -> None:
+    """Threads for the cores this process may use, and an allocator that keeps freed memory (glibc)."""
+    _keep_freed_memory()
     if "OMP_NUM_THREADS" in os.environ:
         return
     try:
@@ -40,6 +42,26 @@ def configure_cpu_threads() -> None:
     except AttributeError:  # macOS and Windows
         cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, cores))
+
+
+def _keep_freed_memory() -> None:
+    """Stop glibc from handing freed activation memory back to the kernel after every layer.
+
+    By default glibc serves blocks over a few MB with fresh mmaps and trims the heap, so every layer's
+    output is page-faulted in again: on 2 cores a third to a half of the CPU time of a forward pass
+    went to the kernel. Serving everything from the heap (no mmap) and trimming only above 1 GB free
+    lets the next batch reuse the memory: fine-tuning the small preset at 256 px, batch 4, went from
+    10.1 to 5.4 s an iteration, inference at batch 8 from 0.81 to 0.48 s a slice. No-op elsewhere.
+    """
+    if platform.system() != "Linux" or os.environ.get("DIFFUSIONSEG_NO_MALLOPT"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another C library
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**30)
 
 
 def autocast(device: torch.device) -> torch.autocast:

@@ -210,31 +210,3 @@ def to_image_space(labels: np.ndarray, volume: ModelSpaceVolume) -> sitk.Image:
     """Model-space labels (N x S x S) as a uint8 labelmap on the input grid (nearest neighbour)."""
     model_labels = volume.grid.wrap(np.ascontiguousarray(labels, dtype=np.uint8))
     return volume.reference.resample(model_labels, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-
-
-def probabilities_to_image_space(probabilities: np.ndarray, volume: ModelSpaceVolume) -> sitk.Image:
-    """Per-class model-space probabilities (N x C x S x S, any dtype) as a uint8 labelmap on the input grid.
-
-    Each class is interpolated linearly onto the input grid and the argmax is taken there, which gives
-    smooth organ boundaries when the input is finer than the model grid. Only one class volume is
-    held at a time, so memory stays at a few input-sized arrays whatever the number of classes.
-    Classes that win no model-space pixel cannot win after interpolation in practice and are skipped.
-    """
-    winners = np.unique(probabilities.argmax(axis=1))
-    best = None
-    labels = None
-    for c in winners:
-        channel = np.ascontiguousarray(probabilities[:, c], dtype=np.float32)
-        # Outside the model's field of view is background.
-        resampled = volume.reference.resample(
-            volume.grid.wrap(channel), sitk.sitkLinear, 1.0 if c == 0 else 0.0, sitk.sitkFloat32
-        )
-        p = sitk.GetArrayViewFromImage(resampled)
-        if best is None:
-            best = p.copy()
-            labels = np.full(p.shape, c, dtype=np.uint8)
-        else:
-            wins = p > best
-            best[wins] = p[wins]
-            labels[wins] = c
-    return volume.reference.wrap(labels)

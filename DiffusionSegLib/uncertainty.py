@@ -108,7 +108,7 @@ def segment_with_uncertainty(
     segmentor: Segmentor,
     spec: PreprocessingSpec,
     device: torch.device,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: Progress | None = None,
 ) -> tuple[sitk.Image, dict]:
     """Like inference.segment_ct, plus the uncertainty report from the same class probabilities.

@@ -9,12 +9,12 @@ from conftest import same_geometry, shared_data
 from phantom import FLIPPED_DIRECTION, make_phantom, oblique_direction
 
 from DiffusionSegLib.imageio import read_ct
+from DiffusionSegLib.probability_resampling import probabilities_to_image_space
 from DiffusionSegLib.preprocessing import (
     Grid,
     PreprocessingSpec,
     canonical_axes,
     labels_to_model_space,
-    probabilities_to_image_space,
     to_image_space,
     to_model_space,
 )

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from DiffusionSegLib.devices import configure_cpu_threads, resolve_device
+from DiffusionSegLib.devices import configure_cpu, resolve_device
 from DiffusionSegLib.diffusion import SCHEDULES, GaussianDiffusion
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.imageio import read_ct, read_labels
@@ -239,7 +239,7 @@ COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "sample": cmd_samp
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_cpu_threads()
+    configure_cpu()
     try:
         return COMMANDS[args.command](args)
     except InputError as e:

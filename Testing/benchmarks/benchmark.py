@@ -46,15 +46,16 @@ sys.path[:0] = [str(ROOT / "Testing"), str(ROOT)]
 from phantom import make_phantom  # noqa: E402
 
 from DiffusionSegLib.annotations import training_slices  # noqa: E402
-from DiffusionSegLib.devices import autocast, configure_cpu_threads, resolve_device  # noqa: E402
+from DiffusionSegLib.devices import autocast, configure_cpu, resolve_device  # noqa: E402
 from DiffusionSegLib.diffusion import GaussianDiffusion  # noqa: E402
 from DiffusionSegLib.errors import InputError  # noqa: E402
 from DiffusionSegLib.finetune import FinetuneConfig, PlateauStop, cache_pool_size, finetune, frozen_bytes_per_slice  # noqa: E402
 from DiffusionSegLib.imageio import read_ct, read_labels, write_labelmap  # noqa: E402
-from DiffusionSegLib.inference import predict_probabilities  # noqa: E402
+from DiffusionSegLib.inference import default_batch_size, predict_probabilities  # noqa: E402
 from DiffusionSegLib.metrics import organ_overlap  # noqa: E402
 from DiffusionSegLib.models import DEFAULT_PRETRAINED, load_unet, read_card, resolve_model  # noqa: E402
-from DiffusionSegLib.preprocessing import PreprocessingSpec, probabilities_to_image_space, to_model_space  # noqa: E402
+from DiffusionSegLib.preprocessing import PreprocessingSpec, to_model_space  # noqa: E402
+from DiffusionSegLib.probability_resampling import probabilities_to_image_space  # noqa: E402
 from DiffusionSegLib.segmentor import DEFAULT_HEAD_WIDTH, STRATEGIES, Segmentor  # noqa: E402
 from DiffusionSegLib.unet import PRESETS, UNetModel, preset_config  # noqa: E402
 from Training.prepare import prepare  # noqa: E402
@@ -127,8 +128,8 @@ class Plan:
         return {"batch_size": 16, "log_every": 10, "windows": 3, "workers": 4}
 
     def sweep(self, preset: str) -> bool:
-        """The flag sweep; on the CPU only for the light presets (U-Net-B is ~20 s an image there)."""
-        return not (self.cpu and preset not in ("tiny", "small"))
+        """The flag sweep; on the CPU not for U-Net-L (U-Net-B is already ~20 s a training image there)."""
+        return not (self.cpu and preset == "l")
 
     def timeout(self) -> float:
         return 300.0 if self.quick else 3600.0
@@ -200,7 +201,7 @@ def run_case(kind: str, params: dict, plan: Plan) -> dict:
 
 def case_main(kind: str, params: dict) -> None:
     """Child side: run one case, print its result as the last stdout line."""
-    configure_cpu_threads()
+    configure_cpu()
     torch.manual_seed(0)
     result = CASES[kind](params)
     with contextlib.suppress(ImportError):
@@ -275,6 +276,7 @@ def case_segment(p: dict) -> dict:
     device = torch.device(p["device"])
     segmentor = random_segmentor(p["preset"], p["size"])
     spec = PreprocessingSpec.for_size(p["size"])
+    batch = p.get("batch_size") or default_batch_size(device)
     stages: dict[str, float] = {}
     _reset_gpu_peak(device)
     with timed(stages, "read", device):
@@ -282,18 +284,18 @@ def case_segment(p: dict) -> dict:
     with timed(stages, "preprocess", device):
         volume = to_model_space(ct, spec)
     with timed(stages, "network", device):
-        probabilities = predict_probabilities(segmentor, volume.slices, device, p["batch_size"])
+        probabilities = predict_probabilities(segmentor, volume.slices, device, batch)
     with timed(stages, "postprocess", device):
         labelmap = probabilities_to_image_space(probabilities, volume)
     with timed(stages, "write", device):
         write_labelmap(labelmap, p["out"])
     result = {
-        "preset": p["preset"], "size": p["size"], "input_size": list(ct.GetSize()), "slices": volume.num_slices, "stages_s": stages,
-        "total_s": sum(stages.values()), "network_slices_per_s": volume.num_slices / stages["network"], "peak_gpu_mb": _gpu_peak_mb(device),
+        "preset": p["preset"], "size": p["size"], "input_size": list(ct.GetSize()), "slices": volume.num_slices, "batch_size": batch,
+        "stages_s": stages, "total_s": sum(stages.values()), "network_slices_per_s": volume.num_slices / stages["network"], "peak_gpu_mb": _gpu_peak_mb(device),
     }
     del probabilities, labelmap, ct
     if p.get("baseline_slices"):
-        result["baseline"] = layout_baseline(segmentor, volume.slices[: p["baseline_slices"]], device, p["batch_size"])
+        result["baseline"] = layout_baseline(segmentor, volume.slices[: p["baseline_slices"]], device, batch)
     return result
 
 
@@ -567,15 +569,16 @@ def bench_segment(plan: Plan) -> dict:
         print(f"segment: {preset} at {size} px, {slices} slices", flush=True)
         ct = segment_phantom(plan, slices)["ct"]
         cases[preset] = run_case("segment", {"label": preset, "preset": preset, "size": size, "device": plan.device, "ct": ct,
-                                             "out": str(plan.work / f"seg-{preset}.seg.nrrd"), "batch_size": 8,
+                                             "out": str(plan.work / f"seg-{preset}.seg.nrrd"), "batch_size": None,
                                              "baseline_slices": plan.baseline_slices(preset)}, plan)
-    memory: dict = {"skipped": "skipped in --quick (pass --memory-slices N to run it)"}
+    why = "skipped in --quick (pass --memory-slices N to run it)" if plan.quick else "skipped (--memory-slices 0)"
+    memory: dict = {"skipped": why}
     if plan.memory_slices:
         print(f"segment: memory case, small, 512 x 512 x {plan.memory_slices}", flush=True)
         xy, pixel = 512, 0.8
         ct = write_phantom(plan, f"ct-{xy}x{plan.memory_slices}", (xy, xy, plan.memory_slices), (pixel, pixel, max(0.5, 200.0 / plan.memory_slices)))["ct"]
         memory = run_case("segment", {"label": "memory", "preset": "small", "size": plan.size_of("small"), "device": plan.device, "ct": ct,
-                                      "out": str(plan.work / "seg-memory.seg.nrrd"), "batch_size": 8, "baseline_slices": 0}, plan)
+                                      "out": str(plan.work / "seg-memory.seg.nrrd"), "batch_size": None, "baseline_slices": 0}, plan)
     return {"cases": cases, "memory": memory}
 
 
@@ -722,7 +725,7 @@ def machine(device: str) -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    configure_cpu_threads()  # the threads each case will use
+    configure_cpu()  # the threads each case will use
     info = {"platform": platform.platform(), "machine": platform.machine(), "cpu_model": cpu, "cpu_cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__, "device_name": "cpu"}
     if device == "cuda":
@@ -767,7 +770,7 @@ def segment_rows(plan: Plan, section: dict) -> list[Row]:
             continue
         for stage, seconds in r["stages_s"].items():
             rows.append(Row("segment", case, stage, seconds, "s"))
-        target = segment_target(plan, preset, r["slices"])
+        target = segment_target(plan, preset, r["slices"], r["total_s"])
         rows.append(Row("segment", case, "total", r["total_s"], "s", target=target))
         if r["slices"] != 200 and not plan.quick:
             estimate = r["total_s"] * 200 / r["slices"]  # every stage grows with the slices
@@ -907,7 +910,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--base", help="base model (folder or name) for the time-to-Dice run (default: ddpm-pretrained if installed)")
-    parser.add_argument("--memory-slices", type=int, help="slices of the 512 x 512 memory case (default 600; not run in --quick unless given)")
+    parser.add_argument("--memory-slices", type=int, help="slices of the 512 x 512 memory case (default 600; 0 skips it; not run in --quick unless given)")
     parser.add_argument("--segment-slices", type=int, help="slices of the segment phantoms (default 200; 8 for U-Net-B on the CPU, with an estimate for 200)")
     parser.add_argument("--eval-every", type=int, default=10, help="iterations between Dice evaluations of the time-to-Dice run")
     parser.add_argument("--work", help="keep the phantoms, datasets and runs in this folder (default: a temporary folder, removed)")
@@ -930,7 +933,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for name in [*presets, finetune_preset]:
         if name not in PRESETS:
             raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
-    memory = args.memory_slices if args.memory_slices else (None if args.quick else 600)
+    # 0 skips the memory case; not given: 600 slices, or none in --quick.
+    memory = args.memory_slices if args.memory_slices is not None else (None if args.quick else 600)
     return Plan(args.quick, device, presets, finetune_preset, args.base, memory, args.segment_slices, args.eval_every)
 
 
