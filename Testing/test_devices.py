@@ -45,4 +45,5 @@ def test_freed_memory_is_reused_not_page_faulted_again():
 
 
 def test_threads_follow_the_cores_this_process_may_use():
-    assert probe("configured")["threads"] == len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert probe("configured")["threads"] == cores
