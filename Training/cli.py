@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument(flag, dest=f.name, choices=sorted(PRESETS))
         elif f.name == "schedule":
             t.add_argument(flag, dest=f.name, choices=SCHEDULES)
+        elif f.name == "init":
+            t.add_argument(flag, dest=f.name, metavar="MODEL",
+                           help="start from this pretrained model's weights (name or folder; same preset, any slice size) instead of random (default: random)")
         else:
             t.add_argument(flag, dest=f.name, type=float if f.type in ("float", float) else int)
 

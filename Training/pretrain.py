@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,8 @@ from tqdm import tqdm
 from DiffusionSegLib.devices import describe_hardware
 from DiffusionSegLib.diffusion import GaussianDiffusion
 from DiffusionSegLib.errors import InputError
-from DiffusionSegLib.unet import PRESETS, UNetModel, count_parameters, preset_config
+from DiffusionSegLib.models import load_unet, resolve_model
+from DiffusionSegLib.unet import PRESETS, UNetConfig, UNetModel, count_parameters, preset_config
 
 from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .samples import save_sample_grid
@@ -62,6 +63,10 @@ class PretrainConfig:
     compile: bool = False
     grad_checkpoint: bool = False
     fused_adam: bool = True  # where the device supports it
+    # A pretrained model (name or folder) whose weights start the run instead of a random
+    # initialisation, e.g. to grow a model to a larger slice size: the U-Net is convolutional and its
+    # attention sits at fixed downsampling factors, so a 64 px model's weights fit at 128 px.
+    init: str = ""
 
     @classmethod
     def from_dict(cls, d: dict) -> PretrainConfig:
@@ -171,6 +176,17 @@ def _check_resume(run_dir: Path, config: PretrainConfig, resume: bool) -> Path |
     return latest
 
 
+def _initialise_from(model: UNetModel, init: str, unet_config: UNetConfig) -> None:
+    """Load a pretrained model's weights into `model`; the architecture must match up to the slice size."""
+    folder = resolve_model(init, "pretrained")
+    source, card = load_unet(folder)
+    same = replace(card.unet, image_size=unet_config.image_size, attention_resolutions=unet_config.attention_resolutions)
+    if same != unet_config or card.unet.attention_downsample != unet_config.attention_downsample:
+        raise InputError(f"--init {init}: its U-Net ({card.preset}, {card.unet.image_size} px) differs from --preset's at this size "
+                         "in more than the slice size; choose the same preset")
+    model.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+
+
 class MetricsLog:
     """metrics.jsonl (always) and TensorBoard (if installed), rank 0 only."""
 
@@ -218,6 +234,8 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
     model.use_checkpoint = config.grad_checkpoint
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if latest is None and config.init:
+        _initialise_from(model, config.init, unet_config)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     fused = config.fused_adam and device.type == "cuda"
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused or None)
