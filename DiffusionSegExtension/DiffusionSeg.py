@@ -122,9 +122,10 @@ class DiffusionSegParameterNode:
     model: str = ""
     device: Device = Device.AUTO
     strategy: Strategy = Strategy.FT_DEC
-    iterations: Annotated[int, WithinRange(1, 100000)] = 300
+    iterations: Annotated[int, WithinRange(1, 100000)] = 200
     timeLimitMinutes: Annotated[float, WithinRange(0, 1440)] = 0.0
     timestep: Annotated[int, WithinRange(0, 999)] = 0
+    adaptSeconds: Annotated[int, WithinRange(0, 3600)] = 0
     finetuneFrom: FinetuneFrom = FinetuneFrom.SELECTED
     modelName: str = ""
 
@@ -275,7 +276,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onProgress(self, update: ProgressUpdate) -> None:
         self.ui.progressBar.setMaximum(max(update.total, 1))
         self.ui.progressBar.setValue(min(update.step, max(update.total, 1)))
-        self.ui.progressBar.setFormat(f"{update.stage} %p%")
+        self.ui.progressBar.setFormat(f"{update.label} %p%")
         self.ui.statusLabel.text = update.describe()
 
     # --- dependencies ---
@@ -403,6 +404,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             time_limit_s=p.timeLimitMinutes * 60 if p.timeLimitMinutes > 0 else None,
             timestep=p.timestep,
             base=base if p.strategy != Strategy.FS else None,
+            adapt_s=p.adaptSeconds if p.strategy != Strategy.FS else None,  # fs has no pretrained backbone to adapt
         )
 
     def startFinetune(self, device: str) -> None:
@@ -618,6 +620,12 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         if provenance.get("training_slices"):
             slices = provenance["training_slices"]
             parts.append(_("{count} training slices ({organs})").format(count=slices.get("slices"), organs=", ".join(slices.get("organs", []))))
+        if isinstance(data.get("postprocessing"), dict) and data["postprocessing"].get("cleanup"):
+            parts.append(_("cleans up its segmentations (stray islands removed, holes filled)"))
+        if isinstance(provenance.get("adaptation"), dict):
+            adaptation = provenance["adaptation"]
+            parts.append(_("adapted to its CT for {seconds:.0f} s ({iterations} iterations) before fine-tuning").format(
+                seconds=adaptation.get("seconds") or 0, iterations=adaptation.get("iterations")))
         parts.append(str(path))
         return "\n".join(parts)
 

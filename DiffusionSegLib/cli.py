@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__
+from .adaptation import adapt_backbone
 from .annotations import training_slices
 from .devices import DEVICES, configure_cpu, describe_hardware, resolve_device
 from .diffusion import GaussianDiffusion
@@ -28,7 +30,7 @@ from .imageio import atomic_write_path, check_output_path, read_ct, read_labels,
 from .inference import segment_ct
 from .metrics import organ_overlap
 from .models import ModelCard, list_models, load_segmentor, load_unet, now_iso, read_card, resolve_model, save_model, user_models_dir
-from .preprocessing import PreprocessingSpec
+from .preprocessing import PreprocessingSpec, to_model_space
 from .progress import MODES, Progress
 from .segmentor import DEFAULT_HEAD_WIDTH, STRATEGIES, Segmentor
 from .uncertainty import segment_with_uncertainty, write_report
@@ -42,6 +44,16 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
     return value
 
 
@@ -71,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--model", help="model name or folder (default: the bundled segmentation model)")
     seg.add_argument("--batch-size", type=_positive_int, help="slices per network batch (default 8 on a GPU, 2 on the CPU)")
     seg.add_argument("--uncertainty", help="also write per-axial-slice model uncertainty (input slice indices) to this JSON file")
+    seg.add_argument("--cleanup", action=argparse.BooleanOptionalAction,
+                     help="per organ, drop stray islands and fill holes in the model's slice planes "
+                          "(default: as the model's model.json 'postprocessing' says; off when it says nothing)")
     common(seg)
 
     ft = sub.add_parser("finetune", help="fine-tune a model on annotated axial slices and save it")
@@ -79,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("-o", "--output", required=True, help="model folder to write")
     ft.add_argument("--base", help="pretrained (or segmentation) model name or folder (default: the bundled pretrained model)")
     ft.add_argument("--strategy", choices=STRATEGIES, default="ft-dec", help="ft-dec: encoder frozen (default); lp: head only; fs: from scratch")
-    ft.add_argument("--preset", choices=sorted(PRESETS), help="architecture for --strategy fs without --base (default small)")
+    ft.add_argument("--preset", choices=sorted(PRESETS), help="architecture for --strategy fs without --base, at its native slice size "
+                    "(default: the bundled pretrained model's architecture and preprocessing, so FS and FT-dec see the same pixels)")
     ft.add_argument("--head", type=_head_width, help="head hidden width, e.g. h128 or h256 (default by preset)")
     ft.add_argument("--config", help="JSON file of fine-tuning settings (loss weights, optimiser, augmentation); flags override it")
     ft.add_argument("--iterations", type=_positive_int, help=f"training iterations (default {FinetuneConfig.iterations})")
@@ -89,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--patience", type=int,
                     help=f"stop once the loss has not improved for this many iterations; 0 never stops early (default {FinetuneConfig.patience})")
     ft.add_argument("--timestep", type=int, help="diffusion timestep fed to the network (default 0)")
+    ft.add_argument("--adapt", type=_seconds, default=0.0, metavar="SECONDS",
+                    help="first continue the pretrained base's DDPM training on all slices of the --image CTs (no labels needed) "
+                         "for this many seconds; ft-dec and lp from a pretrained base only (default 0: off)")
     ft.add_argument("--seed", type=int, help="random seed (default 0)")
     ft.add_argument("--no-augment", action="store_true", help="train without affine and intensity augmentation")
     ft.add_argument("--name", help="model name recorded in model.json (default: the folder name)")
@@ -117,11 +136,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     segmentor, card = load_segmentor(resolve_model(args.model, "segmentor"))
     ct = read_ct(args.image)
+    cleanup = card.cleanup if args.cleanup is None else args.cleanup
     progress = Progress(args.progress)
     if args.uncertainty:
-        labelmap, report = segment_with_uncertainty(ct, segmentor, card.preprocessing, device, args.batch_size, progress)
+        labelmap, report = segment_with_uncertainty(ct, segmentor, card.preprocessing, device, args.batch_size, progress, cleanup=cleanup)
     else:
-        labelmap = segment_ct(ct, segmentor, card.preprocessing, device, args.batch_size, progress)
+        labelmap = segment_ct(ct, segmentor, card.preprocessing, device, args.batch_size, progress, cleanup=cleanup)
     progress.start("write", 1)
     write_labelmap(labelmap, output)
     if args.uncertainty:
@@ -135,7 +155,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def _base_segmentor(args: argparse.Namespace) -> tuple[Segmentor, ModelCard | None, Path | None]:
     """The network to fine-tune: pretrained backbone + new head, a previous segmentor, or a fresh one (fs)."""
     if args.strategy == "fs" and args.base is None:
-        preset = args.preset or "small"
+        if args.preset is None:  # the default base's architecture and pixels: FS compares with FT-dec on equal terms
+            card = read_card(resolve_model(None, "pretrained"))
+            return _new_segmentor(card, args), card, None
+        preset = args.preset
         config = preset_config(preset)
         spec = PreprocessingSpec.for_size(config.image_size)
         card = ModelCard(kind="pretrained", unet=config, preprocessing=spec, preset=preset, name=f"random-{preset}")
@@ -164,6 +187,40 @@ def _new_segmentor(card: ModelCard, args: argparse.Namespace) -> Segmentor:
     return Segmentor(card.unet, width, timestep=timestep)
 
 
+def _check_adapt(args: argparse.Namespace) -> None:
+    if args.adapt > 0 and args.strategy == "fs":
+        raise InputError("--adapt: fs trains from random weights, so there is no pretrained backbone to adapt; drop --adapt or use --strategy ft-dec or lp")
+
+
+def _adapt(args: argparse.Namespace, segmentor: Segmentor, base_card: ModelCard, base_path: Path | None, cts: list[sitk.Image], seed: int,
+           device: torch.device, progress: Progress) -> dict | None:
+    """Continue the base's DDPM training on every slice of the CTs and give `segmentor` the adapted backbone.
+
+    Returns the provenance record, or None when nothing was adapted. A segmentation model as base is
+    skipped with a message, not refused: its noise output layer, which the denoising loss trains, was
+    replaced by its head, and the Slicer module keeps the setting while the user fine-tunes again.
+    """
+    if args.adapt <= 0:
+        return None
+    if base_card.kind != "pretrained" or base_path is None:
+        progress.message(f"--adapt skipped: the base {base_card.name} is a segmentation model, which cannot be trained as a denoiser; "
+                         "fine-tune from a pretrained model to adapt")
+        return None
+    unet, _ = load_unet(base_path)  # with its noise output layer, which the loss needs
+    slices = torch.cat([torch.from_numpy(to_model_space(ct, base_card.preprocessing).slices) for ct in cts])
+    progress.message(f"adapting the pretrained backbone to {len(slices)} unlabelled slices for {args.adapt:g} s")
+    progress.start("adapt", math.ceil(args.adapt))  # steps are seconds: the budget is time, not iterations
+
+    def on_step(_: int, loss: float) -> None:
+        progress.advance(min(int(progress.elapsed), progress.total) - progress.step, loss=loss)
+
+    result = adapt_backbone(unet, slices, GaussianDiffusion.from_dict(base_card.schedule), args.adapt, device, seed=seed, on_step=on_step)
+    progress.finish()
+    segmentor.load_pretrained(unet.state_dict())
+    progress.message(f"adapted in {result.iterations} iterations, denoising loss {result.loss_first:.4f} -> {result.loss_last:.4f}")
+    return result.provenance()
+
+
 def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
     """Defaults, then the --config file, then explicit flags."""
     settings: dict = {}
@@ -190,6 +247,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if output.exists() and not (output / "model.json").exists() and (not output.is_dir() or any(output.iterdir())):
         raise InputError(f"{output}: exists and is not a DiffusionSeg model folder; choose another output path")
     config = _finetune_config(args)
+    _check_adapt(args)
     device = resolve_device(args.device)
     segmentor, base_card, base_path = _base_segmentor(args)
     spec = base_card.preprocessing
@@ -207,6 +265,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             raise InputError(f"{entry['labels']}: no annotated slice (no labelled voxel); paint at least one organ on one axial slice")
 
     progress = Progress(args.progress)
+    adaptation = _adapt(args, segmentor, base_card, base_path, [ct for ct, _ in pairs], config.seed, device, progress)
     organs = ", ".join(slices.summary()["organs"])
     progress.message(f"fine-tuning ({args.strategy}) on {len(slices.sources)} annotated slices, organs: {organs}; device {device}")
     progress.start("finetune", config.iterations)
@@ -222,11 +281,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         timestep=segmentor.timestep,
         preset=base_card.preset,
+        # A segmentor base passes on its cleanup setting; a pretrained base has none to give.
+        postprocessing=dict(base_card.postprocessing) if base_card.kind == "segmentor" else {},
         name=args.name or output.name,
         provenance={
             "created": now_iso(),
             "diffusionseg_version": __version__,
             "base": None if base_path is None else {"path": str(base_path.resolve()), "name": base_card.name, "kind": base_card.kind},
+            "adaptation": adaptation,
             "data": data,
             "training_slices": slices.summary(),
             "iterations": result.iterations,

@@ -8,6 +8,7 @@ module only builds argument lists, environments and names; it imports neither to
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -86,6 +87,9 @@ class FinetuneSettings:
     base: str | Path | None = None  # model name or folder; None: the bundled pretrained model (or scratch for fs)
     preset: str | None = None  # architecture for fs without a base
     seed: int | None = None
+    # Seconds of DDPM training on the CT's own slices before fine-tuning (0: off); the engine applies it
+    # to ft-dec and lp from a pretrained base and says so when it skips it.
+    adapt_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -96,6 +100,10 @@ class FinetuneSettings:
             raise ValueError(f"time limit must be positive, got {self.time_limit_s} s")
         if self.timestep is not None and self.timestep < 0:
             raise ValueError(f"timestep must be 0 or more, got {self.timestep}")
+        if self.adapt_s is not None and not (math.isfinite(self.adapt_s) and self.adapt_s >= 0):
+            raise ValueError(f"adaptation time must be 0 or more seconds, got {self.adapt_s}")
+        if self.adapt_s and self.strategy == "fs":
+            raise ValueError("adaptation needs a pretrained backbone; fs trains from random weights")
 
 
 def finetune_args(
@@ -123,6 +131,7 @@ def finetune_args(
         "--time-limit": settings.time_limit_s,
         "--timestep": settings.timestep,
         "--seed": settings.seed,
+        "--adapt": settings.adapt_s,
         "--name": name,
     }
     for flag, value in optional.items():

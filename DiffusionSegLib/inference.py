@@ -8,6 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .cleanup import clean_image
 from .devices import autocast
 from .preprocessing import ModelSpaceVolume, PreprocessingSpec, to_model_space
 from .probability_resampling import probabilities_to_image_space
@@ -80,11 +81,14 @@ def segment_ct(
     batch_size: int | None = None,
     progress: Progress | None = None,
     on_probabilities: Callable[[np.ndarray, ModelSpaceVolume], None] | None = None,
+    *,
+    cleanup: bool = False,
 ) -> sitk.Image:
     """A uint8 FLARE22 labelmap on exactly `ct`'s grid.
 
     `on_probabilities(probabilities, volume)` sees the model-space class probabilities before they are
-    dropped (e.g. for an uncertainty report), so they are computed once.
+    dropped (e.g. for an uncertainty report), so they are computed once. `cleanup`: drop stray islands
+    and fill holes per organ (`cleanup.clean_image`); off by default, the model card decides in the CLI.
     """
     progress = progress or Progress("none")
     progress.start("preprocess", 1)
@@ -96,6 +100,9 @@ def segment_ct(
     labelmap = probabilities_to_image_space(probabilities, volume)
     if on_probabilities is not None:
         on_probabilities(probabilities, volume)
+    del probabilities  # the largest array here; cleanup's component map need not sit beside it
+    if cleanup:  # in the model's slice planes (volume.slice_axis counts in SimpleITK's x, y, z order)
+        labelmap = clean_image(labelmap, slice_axis=2 - volume.slice_axis)
     progress.advance()
     progress.finish()
     return labelmap

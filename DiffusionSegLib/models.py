@@ -69,7 +69,15 @@ class ModelCard:
     name: str = ""
     labels: list[dict] = field(default_factory=label_table)
     provenance: dict = field(default_factory=dict)
+    # Steps applied to the labelmap after segmentation, e.g. {"cleanup": true}; absent or {} means none,
+    # so cards written before the field existed keep their behaviour.
+    postprocessing: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def cleanup(self) -> bool:
+        """Whether `segment` cleans the labelmap by default (``cleanup.clean_image``)."""
+        return bool(self.postprocessing.get("cleanup", False))
 
     def to_dict(self) -> dict:
         return {
@@ -85,6 +93,7 @@ class ModelCard:
             "schedule": self.schedule,
             "labels": self.labels,
             "provenance": self.provenance,
+            "postprocessing": self.postprocessing,
         }
 
     @classmethod
@@ -107,7 +116,17 @@ class ModelCard:
             name=d.get("name", ""),
             labels=list(d.get("labels") or label_table()),
             provenance=dict(d.get("provenance") or {}),
+            postprocessing=_postprocessing(d.get("postprocessing")),
         )
+
+
+def _postprocessing(entry: object) -> dict:
+    """The card's postprocessing entry, checked: a typo'd value must not silently switch cleanup off."""
+    if entry is None:
+        return {}
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("cleanup", False), bool):
+        raise ValueError(f"postprocessing must be an object like {{\"cleanup\": true}}, got {entry!r}")
+    return dict(entry)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+# Stages whose steps are seconds of a time budget rather than items done, and the words shown for them.
+TIMED_STAGES = {"adapt": "adapting to this CT"}
+
 
 @dataclass(frozen=True)
 class ProgressUpdate:
@@ -23,12 +26,18 @@ class ProgressUpdate:
     def fraction(self) -> float:
         return min(1.0, self.step / self.total) if self.total > 0 else 0.0
 
+    @property
+    def label(self) -> str:
+        """The stage in words where its name alone would puzzle (``adapt``), else the name."""
+        return TIMED_STAGES.get(self.stage, self.stage)
+
     def describe(self) -> str:
-        """E.g. ``finetune 40/300, loss 0.4123, 1:21 left``."""
-        text = f"{self.stage} {self.step}/{self.total}"
+        """E.g. ``finetune 40/300, loss 0.4123, 1:21 left`` or ``adapting to this CT, 0:12 of 1:00, loss 0.0312``."""
+        timed = self.stage in TIMED_STAGES
+        text = f"{self.label}, {format_duration(self.step)} of {format_duration(self.total)}" if timed else f"{self.stage} {self.step}/{self.total}"
         if self.loss is not None:
             text += f", loss {self.loss:.4f}"
-        if self.eta is not None and self.step < self.total:
+        if self.eta is not None and self.step < self.total and not timed:  # a timed stage's "of" already says it
             text += f", {format_duration(self.eta)} left"
         return text
 

@@ -110,13 +110,17 @@ def segment_with_uncertainty(
     device: torch.device,
     batch_size: int | None = None,
     progress: Progress | None = None,
+    *,
+    cleanup: bool = False,
 ) -> tuple[sitk.Image, dict]:
     """Like inference.segment_ct, plus the uncertainty report from the same class probabilities.
 
-    Returns (labelmap on the CT grid, report). The probabilities are computed once and used for both.
+    Returns (labelmap on the CT grid, report). The probabilities are computed once and used for both;
+    `cleanup` changes only the labelmap (the report describes the model's own probabilities).
     """
     from .inference import segment_ct
 
     reports: list[dict] = []
-    labelmap = segment_ct(ct, segmentor, spec, device, batch_size, progress, lambda p, volume: reports.append(uncertainty_report(p, volume)))
+    labelmap = segment_ct(ct, segmentor, spec, device, batch_size, progress, lambda p, volume: reports.append(uncertainty_report(p, volume)),
+                          cleanup=cleanup)
     return labelmap, reports[0]

@@ -1,4 +1,4 @@
-"""The label-efficiency report: a Markdown table in the shape of the method's Table III, JSON, overlays."""
+"""The label-efficiency report: Markdown tables in the shape of the method's Tables III and IV, JSON, overlays."""
 
 from __future__ import annotations
 
@@ -13,25 +13,34 @@ from PIL import Image, ImageDraw
 from DiffusionSegLib.organs import ORGANS
 from DiffusionSegLib.preprocessing import PreprocessingSpec, labels_to_model_space, to_model_space
 
-NAMES = {"ft-dec": "FT-dec", "lp": "LP", "fs": "FS (from scratch)"}
+from .label_efficiency import STRATEGY_ORDER, LabelledCT, Run, is_curated, prediction_path
+
+NAMES = {"ft-dec": "FT-dec", "lp": "LP (linear)", "lp-mlp": "LP-MLP (2-layer head)", "fs": "FS (from scratch)"}
+DESCRIPTIONS = {
+    "ft-dec": "encoder frozen, decoder and 2-layer head trained",
+    "lp": "the method's linear probe: one 1x1 conv on the frozen decoder features",
+    "lp-mlp": "the 2-layer conv head on the frozen decoder features",
+    "fs": "the same architecture, head and preprocessing from random initialisation, everything trained",
+}
 _COLOURS = np.zeros((256, 3), dtype=np.float32)
 for _organ in ORGANS:
     _COLOURS[_organ.label] = _organ.color
 
 
 def strategy_name(strategy: str, timestep: int, timesteps: list[int]) -> str:
+    """The row name; the timestep is shown when the strategy runs at several or at a non-zero one."""
     name = NAMES.get(strategy, strategy)
-    return f"{name}, t={timestep}" if strategy == "ft-dec" and len(timesteps) > 1 else name
+    return f"{name}, t={timestep}" if len(timesteps) > 1 or timestep != 0 else name
 
 
 def budget_name(budget: str, rows: list[dict]) -> str:
-    sizes = sorted({n for r in rows if r["budget"] == budget for n in r["train_slices"]})
-    if budget == "all":
-        return f"all ({sizes[0]} slices)"
-    if budget.endswith("%"):
-        seeds = max(len(r["seeds"]) for r in rows if r["budget"] == budget)
-        return f"{budget} ({sizes[0]} slices, {seeds} seeds)"
-    return f"{budget} slices (organ cover)"
+    """A column title with the slice counts the budget came to (a range when training CTs differ)."""
+    counts = sorted({n for r in rows if r["budget"] == budget for sizes in r["train_slices"].values() for n in sizes})
+    span = "-" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    unit = "slice" if counts == [1] else "slices"
+    if is_curated(budget):
+        return f"{budget} slices (organ cover)"
+    return f"{budget} ({span} {unit})"
 
 
 def _cell(mean: float | None, std: float | None) -> str:
@@ -40,58 +49,177 @@ def _cell(mean: float | None, std: float | None) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if std else f"{100 * mean:.1f}"
 
 
-def markdown(results: dict, summary: dict) -> str:
-    """Mean DSC (and Jaccard) in %, strategies as rows and label budgets as columns, then per organ."""
-    config = results["config"]
-    rows = summary["table"]
+def _row_keys(rows: list[dict]) -> list[tuple[str, int]]:
+    keys = {(r["strategy"], r["timestep"]) for r in rows}
+    return sorted(keys, key=lambda k: (STRATEGY_ORDER.index(k[0]) if k[0] in STRATEGY_ORDER else 9, k[1]))
+
+
+def score_table(rows: list[dict], config: dict) -> list[str]:
+    """Table III shape: strategies as rows, for each budget mean DSC and Jaccard (%) +- std."""
     budgets = config["budgets"]
-    row_keys = [(r["strategy"], r["timestep"]) for r in rows]
-    row_keys = sorted(set(row_keys), key=lambda k: (["ft-dec", "lp", "fs"].index(k[0]) if k[0] in NAMES else 9, k[1]))
     lookup = {(r["strategy"], r["timestep"], r["budget"]): r for r in rows}
-    header = ["Strategy", *(budget_name(b, rows) for b in budgets)]
+    header = ["Strategy", *(f"{budget_name(b, rows)} {metric}" for b in budgets for metric in ("DSC", "Jaccard"))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for strategy, timestep in _row_keys(rows):
+        cells = []
+        for budget in budgets:
+            r = lookup.get((strategy, timestep, budget))
+            cells += [_cell(r[f"{m}_mean"], r[f"{m}_std"]) if r else "-" for m in ("dsc", "jaccard")]
+        lines.append(f"| {strategy_name(strategy, timestep, _timesteps(config, strategy))} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def direction_table(rows: list[dict], config: dict) -> list[str]:
+    """Mean DSC (%) +- std over seeds of each train -> test direction."""
+    budgets = config["budgets"]
+    lookup = {(r["strategy"], r["timestep"], r["budget"]): r for r in rows}
+    directions = sorted({d for r in rows for d in r["directions"]})
+    lines = ["| Strategy | Direction | " + " | ".join(budget_name(b, rows) for b in budgets) + " |", "|" + "---|" * (len(budgets) + 2)]
+    for strategy, timestep in _row_keys(rows):
+        for direction in directions:
+            cells = []
+            for budget in budgets:
+                d = lookup.get((strategy, timestep, budget), {}).get("directions", {}).get(direction)
+                cells.append(_cell(d["dsc_mean"], d["dsc_std"]) if d else "-")
+            lines.append(f"| {strategy_name(strategy, timestep, _timesteps(config, strategy))} | {direction} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def organ_budget(config: dict) -> str:
+    """The budget of the per-organ table: the curated (organ cover) budget, as the method's Table IV, else the first."""
+    return next((b for b in config["budgets"] if is_curated(b)), config["budgets"][0])
+
+
+def organ_table(rows: list[dict], config: dict) -> list[str]:
+    """Table IV shape: per-organ DSC (%) at one budget, mean over directions and seeds."""
+    budget = organ_budget(config)
+    chosen = [r for r in rows if r["budget"] == budget]
+    present = {o for r in chosen for o in r["organ_dsc"]}
+    organs = [o.name for o in ORGANS if o.name in present]
+    lines = ["| Strategy | " + " | ".join(organs) + " |", "|" + "---|" * (len(organs) + 1)]
+    lookup = {(r["strategy"], r["timestep"]): r for r in chosen}
+    for strategy, timestep in _row_keys(chosen):
+        organ_dsc = lookup[(strategy, timestep)]["organ_dsc"]
+        cells = [f"{100 * organ_dsc[o]:.0f}" if organ_dsc.get(o) is not None else "-" for o in organs]
+        lines.append(f"| {strategy_name(strategy, timestep, _timesteps(config, strategy))} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def budgets_table(entries: dict[str, dict], budgets: list[str]) -> list[str]:
+    """Per training CT: each budget's slices (with the rounding) and iterations."""
+    lines = ["| Training CT | Pool | " + " | ".join(budgets) + " |", "|" + "---|" * (len(budgets) + 2)]
+    for ct, by_budget in entries.items():
+        cells = [f"{e['note']}; {e['iterations']} iterations" for e in (by_budget[b] for b in budgets)]
+        lines.append(f"| {ct} | {by_budget[budgets[0]]['pool']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _timesteps(config: dict, strategy: str) -> list[int]:
+    return config["timesteps"].get(strategy, [0])
+
+
+def header(results: dict) -> list[str]:
+    config, pretrained = results["config"], results["pretrained"]
+    rule = config["rule"]
+    rule_text = (f"{rule['max_iterations']} iterations for every budget" if rule["min_iterations"] == rule["max_iterations"] else
+                 f"iterations = clamp({rule['epochs']} epochs x ceil(training slices / {config['batch_size']}), {rule['min_iterations']}, "
+                 f"{rule['max_iterations']}), no early stop")
+    seeds = config["seeds"]
     lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        f"# Label efficiency: {', '.join(results['cts'])}",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        results.get("command", "(not recorded)"),
+        "```",
+        "",
+        f"- Pretrained model: `{pretrained['name']}` (preset {pretrained['preset']}, {pretrained['size']} x {pretrained['size']} px at "
+        f"{pretrained['spacing_mm']:g} mm; weights sha256 {pretrained['weights_sha256']}; {pretrained['path']}).",
+        "- Labelled CTs: " + "; ".join(f"{name} ({ct['labelled_slices']} labelled slices; organs: {', '.join(ct['organs'])})"
+                                       for name, ct in results["cts"].items()) + ".",
+        "- Strategies: " + "; ".join(f"{NAMES.get(s, s)}: {DESCRIPTIONS.get(s, '')}, t = {', '.join(map(str, _timesteps(config, s)))}"
+                                     for s in config["strategies"]) + ".",
+        f"- Fine-tuning, the same for every strategy: {rule_text}; batch {config['batch_size']}; Adam, backbone lr {config['lr']:g}, head 10x; "
+        + ("augmentation (random affine warp and intensity jitter) drawn fresh for every batch of every strategy: the frozen-feature pool is off, "
+           "frozen layers are recomputed without autograd at each step." if config["augment"] else "no augmentation."),
+        f"- Seeds: {', '.join(map(str, seeds))} (random budget draws, new layers' initialisation, batch order, augmentation); the organ-cover "
+        "budget uses the same slices for every seed." + (" Fewer than 3 seeds: the spread is a rough figure." if len(seeds) < 3 else ""),
+        "- Scores: per-organ DSC and Jaccard over all test slices taken together on the test CT's own grid; the mean is over organs present "
+        "in the test reference or the prediction (an organ the training CT never shows cannot be predicted and scores 0 where the test CT "
+        "has it). Cells: mean ± sample std, in %.",
+        "",
     ]
-    for metric in ("dsc", "jaccard"):
-        label = "DSC" if metric == "dsc" else "Jaccard"
-        for strategy, timestep in row_keys:
-            cells = [_cell(lookup[(strategy, timestep, b)][f"{metric}_mean"], lookup[(strategy, timestep, b)][f"{metric}_std"])
-                     if (strategy, timestep, b) in lookup else "-" for b in budgets]
-            lines.append(f"| {strategy_name(strategy, timestep, config['timesteps'])} ({label}) | " + " | ".join(cells) + " |")
-    organs = [o.name for o in ORGANS if o.name in set(results["organs_in_test"])]
-    first = budgets[0]
-    organ_lines = ["| Strategy | " + " | ".join(organs) + " |", "|" + "---|" * (len(organs) + 1)]
-    for strategy, timestep in row_keys:
-        r = lookup.get((strategy, timestep, first))
-        if r:
-            cells = [f"{100 * r['organ_dsc'][o]:.0f}" if r["organ_dsc"].get(o) is not None else "-" for o in organs]
-            organ_lines.append(f"| {strategy_name(strategy, timestep, config['timesteps'])} | " + " | ".join(cells) + " |")
-    split = results["split"]
-    return "\n".join([
-        "# Label efficiency on abdomen-ct-a",
-        "",
-        f"Pretrained model: `{results['pretrained']['name']}` (preset {results['pretrained']['preset']}).",
-        f"Split: {split['description']}. Test slices: {split['test'][0]}-{split['test'][-1]} in blocks; "
-        f"organs in the test slices: {', '.join(results['organs_in_test'])}.",
-        f"Fine-tuning: {config['iterations']} iterations, batch {config['batch_size']}, backbone lr {config['lr']:g} (head 10x), "
-        f"augmentation {'on' if config['augment'] else 'off'}, the same for every strategy.",
-        "",
-        "Mean over organs present in the test slices, in %, mean ± std over seeds where the budget is drawn at random.",
-        "",
-        *lines,
-        "",
-        f"Per-organ DSC (%) at the {budget_name(first, rows)} budget:",
-        "",
-        *organ_lines,
-        "",
-    ])
+    return lines
 
 
-def write_report(out_dir: Path, results: dict, summary: dict) -> tuple[Path, Path]:
+def cross_section(results: dict, summary: dict, figures: list[Path]) -> list[str]:
+    config = results["config"]
+    rows = summary["cross"]
+    if not rows:
+        reason = "it needs two or more labelled CTs" if len(results["cts"]) < 2 else "not requested (--protocols)"
+        return ["## Cross-patient", "", f"Not run: {reason}.", ""]
+    directions = sorted({d for r in rows for d in r["directions"]})
+    per_cell = max(r["n"] for r in rows)
+    return [
+        "## Cross-patient (headline): train on one CT, test on another",
+        "",
+        f"Directions: {', '.join(directions)}; all labelled slices of the test CT are scored. "
+        f"Mean ± std over directions and seeds (up to {per_cell} values a cell).",
+        "",
+        *score_table(rows, config),
+        "",
+        "Budgets and iterations per training CT:",
+        "",
+        *budgets_table(results["budgets"]["cross"], config["budgets"]),
+        "",
+        "Mean DSC (%) per direction, ± std over seeds:",
+        "",
+        *direction_table(rows, config),
+        "",
+        f"Per-organ DSC (%) at the {budget_name(organ_budget(config), rows)} budget, cross-patient (Table IV shape), "
+        "mean over directions and seeds:",
+        "",
+        *organ_table(rows, config),
+        "",
+        *(f"![{f.stem}]({f.name})" for f in figures),
+        "",
+    ]
+
+
+def within_section(results: dict, summary: dict, figures: list[Path]) -> list[str]:
+    config = results["config"]
+    if not summary["within"]:
+        return []
+    lines = ["## Within-CT block split (second table; optimistic: test slices lie two slices from training slices)", ""]
+    splits = {t["train_ct"]: t["split"] for t in results["tasks"] if t["protocol"] == "within"}
+    for ct, rows in summary["within"].items():
+        lines += [
+            f"### {ct}",
+            "",
+            f"Split: {splits[ct]['description']}. Mean ± std over seeds.",
+            "",
+            *score_table(rows, config),
+            "",
+            *budgets_table({ct: results["budgets"]["within"][ct]}, config["budgets"]),
+            "",
+            *(f"![{f.stem}]({f.name})" for f in figures if f.name == overlay_path(Path(), "within", ct, ct, config["budgets"][0]).name),
+            "",
+        ]
+    return lines
+
+
+def markdown(results: dict, summary: dict, figures: list[Path] | None = None) -> str:
+    figures = figures or []
+    cross = [f for f in figures if f.name.startswith("overlays-cross-")]
+    within = [f for f in figures if f.name.startswith("overlays-within-")]
+    return "\n".join([*header(results), *cross_section(results, summary, cross), *within_section(results, summary, within)])
+
+
+def write_report(out_dir: Path, results: dict, summary: dict, figures: list[Path] | None = None) -> tuple[Path, Path]:
     json_path = out_dir / "report.json"
     md_path = out_dir / "report.md"
-    for path, text in ((json_path, json.dumps({**results, **summary}, indent=1)), (md_path, markdown(results, summary))):
+    for path, text in ((json_path, json.dumps({**results, "summary": summary}, indent=1)), (md_path, markdown(results, summary, figures))):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(text + "\n", encoding="utf-8")
         os.replace(tmp, path)
@@ -107,7 +235,7 @@ def _overlay(ct: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def overlay_figure(ct: sitk.Image, labels: sitk.Image, predictions: dict[str, sitk.Image], test: list[int], slice_axis: int, path: Path) -> Path:
-    """One held-out slice (the one with the most organs): CT, reference and each prediction, side by side."""
+    """One test slice (the one with the most organs): CT, reference and each prediction, side by side."""
     reference = sitk.GetArrayViewFromImage(labels)
     axis = 2 - slice_axis
     best = max(test, key=lambda s: (len(np.unique(np.take(reference, s, axis=axis))), np.count_nonzero(np.take(reference, s, axis=axis))))
@@ -126,3 +254,31 @@ def overlay_figure(ct: sitk.Image, labels: sitk.Image, predictions: dict[str, si
     canvas.save(tmp)
     os.replace(tmp, path)
     return path
+
+
+def overlay_path(out_dir: Path, protocol: str, train_ct: str, test_ct: str, budget: str) -> Path:
+    scope = f"{train_ct}-to-{test_ct}" if protocol == "cross" else train_ct
+    return out_dir / f"overlays-{protocol}-{scope}-{budget.replace('%', 'pct')}.png"
+
+
+def write_overlays(out_dir: Path, results: dict, summary: dict, cts: dict[str, LabelledCT]) -> list[Path]:
+    """Per task and test CT: its first-budget, first-seed predictions of every strategy on the test slice with the most organs."""
+    config = results["config"]
+    budget, seed = config["budgets"][0], config["seeds"][0]
+    figures = []
+    for task in results["tasks"]:
+        rows = summary["cross"] if task["protocol"] == "cross" else summary["within"].get(task["train_ct"], [])
+        for test_ct, test_slices in task["tests"].items():
+            predictions = {}
+            for strategy, timestep in _row_keys(rows):
+                run = Run(task["protocol"], task["train_ct"], budget, seed, strategy, timestep)
+                path = prediction_path(out_dir / "runs", run, test_ct)
+                record = next((r for r in results["runs"] if Run(**{k: r[k] for k in Run.__dataclass_fields__}) == run), None)
+                if path.exists() and record is not None:
+                    dsc = record["tests"][test_ct]["mean_dsc"] or 0
+                    predictions[f"{strategy_name(strategy, timestep, _timesteps(config, strategy))} {100 * dsc:.0f}%"] = sitk.ReadImage(str(path))
+            if predictions:
+                ct = cts[test_ct]
+                target = overlay_path(out_dir, task["protocol"], task["train_ct"], test_ct, budget)
+                figures.append(overlay_figure(ct.ct, ct.labels, predictions, test_slices, ct.slice_axis, target))
+    return figures

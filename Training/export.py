@@ -1,4 +1,8 @@
-"""`export`: a training run's EMA weights as an engine model folder (``kind: pretrained``)."""
+"""`export`: a training run's EMA weights as an engine model folder (``kind: pretrained``).
+
+Which checkpoint: the latest by default, a given step, or the best, i.e. the one with the lowest FID
+in the run's fid.json (written by `evaluate-generation --run`), as the method picks its model.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,47 @@ from DiffusionSegLib.models import ModelCard, now_iso, save_model
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from DiffusionSegLib.unet import UNetConfig
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import PREFIX, complete_checkpoints, load_checkpoint
+from .generation_metrics import FID_FILE, best_fid_step
 
 
-def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, half: bool = False) -> Path:
+def kept_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """The run's complete checkpoints by step."""
+    return {int(p.name[len(PREFIX):]): p for p in complete_checkpoints(Path(run_dir) / "checkpoints")}
+
+
+def select_checkpoint(run_dir: str | Path, which: str | int | None = None) -> Path:
+    """A complete checkpoint of the run: the latest (None or 'latest'), a step, or 'best' (lowest FID in fid.json)."""
     run_dir = Path(run_dir)
-    latest = latest_checkpoint(run_dir / "checkpoints")
-    if latest is None:
-        raise InputError(f"{run_dir}: no complete checkpoint to export; train with 'diffusionseg-train pretrain --out {run_dir}' first")
-    saved = load_checkpoint(latest, restore_random_state=False)
+    kept = kept_checkpoints(run_dir)
+    if not kept:
+        raise InputError(f"{run_dir}: no complete checkpoint; train with 'diffusionseg-train pretrain --out {run_dir}' first")
+    if which is None or which == "latest":
+        return kept[max(kept)]
+    if which == "best":
+        step = best_fid_step(run_dir)
+    elif str(which).isdigit():
+        step = int(which)
+    else:
+        raise InputError(f"--checkpoint {which}: give a step number, 'latest' or 'best'")
+    if step not in kept:
+        why = f" (the best FID in {FID_FILE})" if which == "best" else ""
+        raise InputError(f"{run_dir}: no checkpoint of step {step}{why}; kept steps: {', '.join(map(str, sorted(kept)))}")
+    return kept[step]
+
+
+def _fid_of(run_dir: Path, step: int) -> dict | None:
+    path = run_dir / FID_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get("checkpoints", {}).get(str(step))
+
+
+def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, half: bool = False, checkpoint: str | int | None = None) -> Path:
+    """Write the EMA weights of one checkpoint (see `select_checkpoint`) as a pretrained model folder."""
+    run_dir = Path(run_dir)
+    chosen = select_checkpoint(run_dir, checkpoint)
+    saved = load_checkpoint(chosen, restore_random_state=False)
     state = saved.state
     data_dir = Path(state["data"])
     report = {}
@@ -37,7 +73,9 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, hal
             "diffusionseg_version": __version__,
             "weights": "EMA",
             "run": str(run_dir.resolve()),
-            "checkpoint": latest.name,
+            "checkpoint": chosen.name,
+            "selected_by": {None: "latest", "latest": "latest", "best": "lowest FID"}.get(checkpoint, "step"),
+            "generation_metrics": _fid_of(run_dir, saved.step),
             "iterations": saved.step,
             "final_loss": state.get("final_loss"),
             "training_seconds": state.get("history", {}).get("seconds"),

@@ -6,7 +6,9 @@ first 7 channels of mixed_6/conv, precision and recall of Kynkäänniemi et al. 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,10 +20,12 @@ from tqdm import tqdm
 from DiffusionSegLib.errors import InputError
 
 from .inception import FIDInception, to_inception_input
+from .samples import ema_model, sample
 from .shards import SliceDataset
 
 NEIGHBOURS = 3
 MIN_IMAGES = NEIGHBOURS + 1  # each point needs k other points for its radius; a covariance needs 2
+FID_FILE = "fid.json"  # in a run folder: FID of each evaluated checkpoint, and the best
 
 
 @dataclass
@@ -183,13 +187,75 @@ def check_counts(num_samples: int, num_reference: int) -> None:
                              f"at least {MIN_IMAGES}: use {MIN_IMAGES} or more (thousands for FID values worth comparing)")
 
 
+def sample_features(samples: np.ndarray, network: FIDInception, *, batch_size: int = 32, device: torch.device | str = "cpu",
+                    show_progress: bool = True) -> Features:
+    return extract_features(network, (torch.from_numpy(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)),
+                            len(samples), device, "samples", show_progress)
+
+
+def reference_features(reference: Dataset, network: FIDInception, *, batch_size: int = 32, device: torch.device | str = "cpu",
+                       show_progress: bool = True) -> Features:
+    return extract_features(network, DataLoader(reference, batch_size=batch_size), len(reference), device, "reference", show_progress)
+
+
+def metrics_from_features(real: Features, fake: Features, device: torch.device | str = "cpu") -> GenerationMetrics:
+    precision, recall = precision_recall(real.pool, fake.pool, NEIGHBOURS, device)
+    return GenerationMetrics(fid=feature_fid(real.pool, fake.pool), sfid=feature_fid(real.spatial, fake.spatial), precision=precision,
+                             recall=recall, f1=f1_score(precision, recall), num_samples=len(fake.pool), num_reference=len(real.pool))
+
+
 def evaluate_generation(samples: np.ndarray, reference: Dataset, network: FIDInception, *, batch_size: int = 32,
                         device: torch.device | str = "cpu", show_progress: bool = True) -> GenerationMetrics:
     """All metrics of generated `samples` (N x H x W in [-1, 1]) against the `reference` slices."""
     check_counts(len(samples), len(reference))
-    fake = extract_features(network, (torch.from_numpy(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)),
-                            len(samples), device, "samples", show_progress)
-    real = extract_features(network, DataLoader(reference, batch_size=batch_size), len(reference), device, "reference", show_progress)
-    precision, recall = precision_recall(real.pool, fake.pool, NEIGHBOURS, device)
-    return GenerationMetrics(fid=feature_fid(real.pool, fake.pool), sfid=feature_fid(real.spatial, fake.spatial), precision=precision,
-                             recall=recall, f1=f1_score(precision, recall), num_samples=len(samples), num_reference=len(reference))
+    fake = sample_features(samples, network, batch_size=batch_size, device=device, show_progress=show_progress)
+    real = reference_features(reference, network, batch_size=batch_size, device=device, show_progress=show_progress)
+    return metrics_from_features(real, fake, device)
+
+
+def checkpoint_metrics(checkpoint: Path, real: Features, network: FIDInception, *, count: int, sampler: str, steps: int, seed: int,
+                       batch_size: int = 32, device: torch.device | str = "cpu", show_progress: bool = True) -> GenerationMetrics:
+    """Metrics of `count` samples from a training checkpoint's EMA weights against precomputed reference features."""
+    model, diffusion = ema_model(checkpoint)
+    samples = sample(model, diffusion, count, sampler=sampler, steps=steps, device=device, seed=seed, batch_size=batch_size)
+    return metrics_from_features(real, sample_features(samples, network, batch_size=batch_size, device=device, show_progress=show_progress), device)
+
+
+def evaluate_checkpoints(checkpoints: dict[int, Path], real: Features, network: FIDInception, *, count: int, sampler: str, steps: int,
+                         seed: int = 0, batch_size: int = 32, device: torch.device | str = "cpu", show_progress: bool = True,
+                         on_checkpoint: Callable[[int, GenerationMetrics], None] | None = None) -> dict[int, GenerationMetrics]:
+    """Metrics per checkpoint step; every checkpoint is sampled with the same sampler, count and seed, so their FIDs compare."""
+    results = {}
+    for step, path in sorted(checkpoints.items()):
+        results[step] = checkpoint_metrics(path, real, network, count=count, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
+                                           device=device, show_progress=show_progress)
+        if on_checkpoint is not None:
+            on_checkpoint(step, results[step])
+    return results
+
+
+def record_fids(run_dir: Path, settings: dict, results: dict[int, GenerationMetrics]) -> dict:
+    """Merge `results` into the run's fid.json (entries made under other settings are dropped) and mark the lowest FID as best."""
+    path = Path(run_dir) / FID_FILE
+    previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    entries = previous.get("checkpoints", {}) if previous.get("settings") == settings else {}
+    entries.update({str(step): metrics.to_dict() for step, metrics in results.items()})
+    best = min(entries, key=lambda step: entries[step]["fid"])
+    record = {"settings": settings, "checkpoints": dict(sorted(entries.items(), key=lambda kv: int(kv[0]))),
+              "best": {"step": int(best), "fid": entries[best]["fid"]}}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return record
+
+
+def best_fid_step(run_dir: Path) -> int:
+    """The step with the lowest FID in the run's fid.json."""
+    path = Path(run_dir) / FID_FILE
+    if not path.is_file():
+        raise InputError(f"{run_dir}: no {FID_FILE}, so no best-FID checkpoint is known; first run "
+                         f"'diffusionseg-train evaluate-generation --run {run_dir} --reference SLICES'")
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["best"]["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a fid.json written by evaluate-generation --run ({e})") from e

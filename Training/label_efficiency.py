@@ -1,24 +1,37 @@
 """The label-efficiency benchmark: how much DDPM pretraining helps when only a few slices are labelled.
 
-The method's protocol at the scale of one labelled CT:
+The method's protocol (its Tables III and IV) at the scale of a few labelled CTs:
 
-- Split: the labelled axial slices are cut into blocks of `block` contiguous slices; every third
-  block (the 2nd, 5th, 8th, ...) is held out for testing, and one guard slice either side of each
-  held-out block is dropped from the training pool, so no training slice touches a test slice.
-- Budgets: `4` slices chosen greedily to cover as many organs as possible (as the method's curated
-  0.1%), `10%` of the pool drawn at random (one draw per seed), and `all` of the pool.
-- Strategies: FT-dec and LP from the pretrained backbone, FS (the same architecture from random
-  initialisation); the same iterations, batch and augmentation for all; FT-dec optionally at
-  several diffusion timesteps.
-- Metrics: per-organ DSC and Jaccard over the held-out slices, on the CT's own grid.
+- Protocols. `cross` (the headline) trains on one CT's labelled slices and tests on all labelled
+  slices of every other CT, in every direction, as the method holds out whole scans. `within` cuts
+  one CT's labelled slices into blocks of `block` contiguous slices, holds out every third block
+  (the 2nd, 5th, ...) and drops one guard slice either side of each from the training pool; its test
+  slices lie two slices from training ones, so its scores are optimistic (a second table).
+- Budgets, taken from the training pool: `4` slices chosen greedily to cover the most organs (as the
+  method's curated 0.1%), `P%` drawn at random per seed (at least one slice; the rounding is
+  reported), `100%` or `all`.
+- Strategies: FT-dec; LP, the method's linear classifier (one 1x1 conv) on the frozen decoder
+  features; LP-MLP, the 2-layer head on the same features; FS, the same architecture, head and
+  preprocessing from random initialisation. Each strategy has its own list of timesteps.
+- Iterations: one rule for every strategy, clamp(epochs x ceil(slices / batch), min, max).
+- Augmentation: fresh random augmentation at every iteration for every strategy: the fine-tuning
+  loop's pool of cached frozen features (a fixed set of augmented copies) is turned off, so frozen
+  layers are recomputed, without autograd, on each new batch.
+- Seeds: every run is repeated per seed (the random draw of a budget, the new layers' initialisation,
+  batch order and augmentation); scores are mean +- std over seeds (and directions).
+- Metrics: per-organ DSC and Jaccard over the test slices taken together, on the test CT's own grid.
 
-Every run is saved as it finishes (runs/*.json), so an interrupted benchmark resumes where it stopped.
+Every run is saved as it finishes (runs/*.json) with the settings it ran under, so an interrupted
+benchmark resumes and a changed plan redoes only the runs whose settings changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,16 +41,117 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from DiffusionSegLib.annotations import annotated_input_slices, organs_in, training_slices
+from DiffusionSegLib.annotations import annotated_input_slices, organs_in
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.finetune import FinetuneConfig, finetune
 from DiffusionSegLib.inference import segment_ct
 from DiffusionSegLib.metrics import organ_overlap
-from DiffusionSegLib.models import ModelCard, load_unet
-from DiffusionSegLib.preprocessing import Grid, model_grid
+from DiffusionSegLib.models import WEIGHTS_FILE, ModelCard, load_unet
+from DiffusionSegLib.preprocessing import ModelSpaceVolume, PreprocessingSpec, labels_to_model_space, to_model_space
 from DiffusionSegLib.segmentor import DEFAULT_HEAD_WIDTH, Segmentor
 
-STRATEGY_ORDER = ("ft-dec", "lp", "fs")
+STRATEGY_ORDER = ("ft-dec", "lp", "lp-mlp", "fs")
+DEFAULT_STRATEGIES = ("ft-dec", "lp", "fs")
+# Hidden conv layers of each strategy's head: 0 is a linear classifier (a single 1x1 conv).
+HEAD_LAYERS = {"ft-dec": 2, "lp": 0, "lp-mlp": 2, "fs": 2}
+PROTOCOLS = ("cross", "within")
+DEFAULT_BUDGETS = ("4", "1%", "10%", "100%")
+
+
+def finetune_strategy(strategy: str) -> str:
+    """The fine-tuning loop's strategy (what is frozen) for a benchmark strategy."""
+    return "lp" if strategy == "lp-mlp" else strategy
+
+
+# --- budgets -----------------------------------------------------------------------------------------
+
+
+def check_budget(text: str) -> str:
+    """A budget as given: N slices (organ cover), P% of the pool (0 < P <= 100, random) or 'all'."""
+    if text == "all" or (text.isdigit() and int(text) > 0):
+        return text
+    if text.endswith("%"):
+        try:
+            if 0 < float(text[:-1]) <= 100:
+                return text
+        except ValueError:
+            pass
+    raise InputError(f"--budgets {text}: use a slice count (4), a percentage of the training pool (10%, at most 100%) or 'all'")
+
+
+def is_curated(budget: str) -> bool:
+    return budget.isdigit()
+
+
+@dataclass
+class BudgetSize:
+    slices: int
+    note: str  # how the size was arrived at, for the report
+
+
+def budget_size(budget: str, pool: int) -> BudgetSize:
+    """How many slices `budget` takes from a pool of `pool`; percentages round half up, to at least one slice."""
+    if budget == "all":
+        return BudgetSize(pool, f"all {pool} slices")
+    if is_curated(budget):
+        used = min(int(budget), pool)
+        return BudgetSize(used, f"{used} slices covering the most organs" + (f" (the whole pool of {pool})" if used < int(budget) else ""))
+    exact = float(budget[:-1]) / 100 * pool
+    used = min(pool, max(1, math.floor(exact + 0.5)))
+    if math.isclose(used, exact):
+        note = f"{budget} of {pool} = {used} slices"
+    elif exact < 1:
+        note = f"{budget} of {pool} = {exact:.3g} slices, rounded up to 1 (at least one slice)"
+    else:
+        note = f"{budget} of {pool} = {exact:.3g} slices, rounded to {used}"
+    return BudgetSize(used, note)
+
+
+@dataclass
+class SlicePool:
+    """Slices a budget is drawn from, with the organs and labelled pixels of each (for the organ cover)."""
+
+    slices: list[int]
+    organs: dict[int, set[int]]
+    pixels: dict[int, int]
+
+
+def slice_pool(reference: np.ndarray, slices: list[int], slice_axis: int) -> SlicePool:
+    axis = 2 - slice_axis  # SimpleITK axis i is array axis 2 - i
+    planes = {s: np.take(reference, s, axis=axis) for s in slices}
+    return SlicePool(list(slices), {s: set(np.unique(p).tolist()) - {0} for s, p in planes.items()},
+                     {s: int(np.count_nonzero(p)) for s, p in planes.items()})
+
+
+def curated_slices(organs_per_slice: dict[int, set[int]], pixels_per_slice: dict[int, int], count: int = 4, min_gap: int = 6) -> list[int]:
+    """Greedy organ cover: each pick adds the most organs not yet covered (ties: more organs, more
+    labelled pixels), keeping picks `min_gap` slices apart where the pool allows."""
+    chosen: list[int] = []
+    covered: set[int] = set()
+    candidates = sorted(organs_per_slice)
+    for gap in (min_gap, 1):
+        while len(chosen) < min(count, len(candidates)):
+            free = [s for s in candidates if s not in chosen and all(abs(s - c) >= gap for c in chosen)]
+            if not free:
+                break
+            best = max(free, key=lambda s: (len(organs_per_slice[s] - covered), len(organs_per_slice[s]), pixels_per_slice[s], -s))
+            chosen.append(best)
+            covered |= organs_per_slice[best]
+    return sorted(chosen)
+
+
+def budget_slices(budget: str, seed: int, pool: SlicePool) -> list[int]:
+    """The training slices of one budget: the organ cover (the same for every seed) or a random draw per seed."""
+    size = budget_size(budget, len(pool.slices)).slices
+    if is_curated(budget):
+        return curated_slices(pool.organs, pool.pixels, size)
+    if size >= len(pool.slices):
+        return list(pool.slices)
+    rng = np.random.default_rng(seed)
+    return sorted(int(s) for s in rng.choice(pool.slices, size=size, replace=False))
+
+
+# --- the within-CT split ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -66,38 +180,172 @@ def split_slices(labelled: list[int], block: int = 8) -> Split:
     return Split(labelled=list(labelled), test=test, pool=pool, block=block)
 
 
-def curated_slices(organs_per_slice: dict[int, set[int]], pixels_per_slice: dict[int, int], count: int = 4, min_gap: int = 6) -> list[int]:
-    """Greedy organ cover: each pick adds the most organs not yet covered (ties: more organs, more
-    labelled pixels), keeping picks `min_gap` slices apart where the pool allows."""
-    chosen: list[int] = []
-    covered: set[int] = set()
-    candidates = sorted(organs_per_slice)
-    for gap in (min_gap, 1):
-        while len(chosen) < min(count, len(candidates)):
-            free = [s for s in candidates if s not in chosen and all(abs(s - c) >= gap for c in chosen)]
-            if not free:
-                break
-            best = max(free, key=lambda s: (len(organs_per_slice[s] - covered), len(organs_per_slice[s]), pixels_per_slice[s], -s))
-            chosen.append(best)
-            covered |= organs_per_slice[best]
-    return sorted(chosen)
+# --- settings ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class IterationRule:
+    """Iterations per run from the number of training slices, the same for every strategy."""
+
+    epochs: int = 50
+    min_iterations: int = 200
+    max_iterations: int = 2000
+
+    def iterations(self, slices: int, batch_size: int) -> int:
+        return min(self.max_iterations, max(self.min_iterations, self.epochs * math.ceil(slices / batch_size)))
+
+    def describe(self, batch_size: int) -> str:
+        if self.min_iterations == self.max_iterations:
+            return f"{self.max_iterations} iterations for every budget"
+        return (f"iterations = clamp({self.epochs} epochs x ceil(slices / {batch_size}), {self.min_iterations}, {self.max_iterations}), "
+                "no early stop")
 
 
 @dataclass
 class BenchmarkConfig:
-    budgets: list[str] = field(default_factory=lambda: ["4", "10%", "all"])
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGY_ORDER))
-    timesteps: list[int] = field(default_factory=lambda: [0])  # for ft-dec; other strategies use the first
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # random budgets use all, fixed budgets the first
-    iterations: int = 300
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    budgets: list[str] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
+    timesteps: dict[str, list[int]] = field(default_factory=dict)  # per strategy; a strategy not named runs at t = 0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    rule: IterationRule = field(default_factory=IterationRule)
     batch_size: int = 4
     lr: float = 1e-4
     block: int = 8
     augment: bool = True
 
+    def timesteps_of(self, strategy: str) -> list[int]:
+        return self.timesteps.get(strategy, [0])
+
+    def finetune_config(self, strategy: str, iterations: int, seed: int) -> FinetuneConfig:
+        settings = FinetuneConfig(strategy=finetune_strategy(strategy), iterations=iterations, batch_size=self.batch_size, lr=self.lr, seed=seed,
+                                  patience=0, cache_copies=0)  # no plateau stop; no fixed pool of augmented copies
+        settings.augment.enabled = self.augment
+        return settings
+
+
+def parse_timesteps(tokens: list[str]) -> dict[str, list[int]]:
+    """`ft-dec=0,100 lp=0,100,200`: timesteps per strategy; bare numbers are FT-dec's (the earlier form)."""
+    chosen: dict[str, list[int]] = {}
+    for token in tokens:
+        name, _, values = token.rpartition("=")
+        name = name or "ft-dec"
+        if name not in STRATEGY_ORDER:
+            raise InputError(f"--timesteps {token}: unknown strategy {name!r}; use STRATEGY=T,T... with one of {', '.join(STRATEGY_ORDER)}")
+        try:
+            steps = [int(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            steps = []
+        if not steps or min(steps) < 0:
+            raise InputError(f"--timesteps {token}: give non-negative integer timesteps, e.g. {name}=0,100")
+        chosen.setdefault(name, [])
+        chosen[name] += [t for t in steps if t not in chosen[name]]
+    return chosen
+
+
+# --- data --------------------------------------------------------------------------------------------
+
 
 @dataclass
+class LabelledCT:
+    """A labelled CT, with its model-space slices computed once for every run that trains on it."""
+
+    name: str
+    ct: sitk.Image
+    labels: sitk.Image
+    slice_axis: int  # input axis the model slices along
+    labelled: list[int]  # input slice indices holding any label
+    volume: ModelSpaceVolume
+    model_labels: np.ndarray
+    source: dict = field(default_factory=dict)
+
+    @property
+    def reference(self) -> np.ndarray:
+        return sitk.GetArrayViewFromImage(self.labels)
+
+    def training_data(self, slices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model-space images (K x 1 x S x S) and labels (K x S x S) of input slices, as `training_slices` gives them."""
+        ks = [self.volume.model_slice(i) for i in slices]
+        return torch.from_numpy(self.volume.slices[ks]).float()[:, None], torch.from_numpy(self.model_labels[ks]).long()
+
+    def describe(self) -> dict:
+        return {**self.source, "labelled_slices": len(self.labelled), "organs": organs_in(self.reference)}
+
+
+def labelled_ct(name: str, ct: sitk.Image, labels: sitk.Image, spec: PreprocessingSpec, source: dict | None = None) -> LabelledCT:
+    volume = to_model_space(ct, spec)
+    labelled = annotated_input_slices(labels, volume.slice_axis)
+    if not labelled:
+        raise InputError(f"{name}: the labels hold no labelled voxel")
+    return LabelledCT(name, ct, labels, volume.slice_axis, labelled, volume, labels_to_model_space(labels, volume), source or {})
+
+
+GENERIC_STEMS = {"ct", "image", "img", "volume", "scan", "labels", "data"}
+
+
+def ct_names(paths: list[str]) -> list[str]:
+    """Short unique names for the CTs: the file name without extensions, or its folder's when that is generic or shared."""
+    def stem(path: Path) -> str:
+        return re.sub(r"(\.(nii|nrrd|mha|mhd|gz|seg))+$", "", path.name, flags=re.IGNORECASE)
+
+    stems = [stem(Path(p)) for p in paths]
+    names = [Path(p).resolve().parent.name if (s.lower() in GENERIC_STEMS or stems.count(s) > 1) and Path(p).is_file() else s
+             for p, s in zip(paths, stems, strict=True)]
+    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", n) or "ct" for n in names]
+    return [n if names.count(n) == 1 else f"{n}-{i + 1}" for i, n in enumerate(names)]
+
+
+@dataclass
+class Pretrained:
+    path: Path
+    card: ModelCard
+    unet_state: dict[str, torch.Tensor]
+    weights_sha256: str
+
+    def describe(self) -> dict:
+        spec = self.card.preprocessing
+        return {"path": str(self.path), "name": self.card.name, "preset": self.card.preset, "size": spec.size, "spacing_mm": spec.spacing_mm,
+                "weights_sha256": self.weights_sha256, "provenance": self.card.provenance}
+
+
+def load_pretrained(folder: Path) -> Pretrained:
+    unet, card = load_unet(folder)
+    digest = hashlib.sha256((Path(folder) / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
+    return Pretrained(Path(folder), card, unet.state_dict(), digest)
+
+
+# --- the plan ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """One protocol on one training CT: the pool budgets come from, and where the models are tested."""
+
+    protocol: str
+    train: LabelledCT
+    pool: SlicePool
+    tests: list[tuple[LabelledCT, list[int]]]  # (CT, input slices scored)
+    split: Split | None = None
+
+
+def plan_tasks(cts: list[LabelledCT], protocols: list[str], block: int) -> list[Task]:
+    """Cross-patient: train on each CT's labelled slices, test on every other CT. Within-CT: the block split of each CT."""
+    tasks = []
+    if "cross" in protocols and len(cts) >= 2:
+        for ct in cts:
+            tests = [(other, other.labelled) for other in cts if other is not ct]
+            tasks.append(Task("cross", ct, slice_pool(ct.reference, ct.labelled, ct.slice_axis), tests))
+    if "within" in protocols:
+        for ct in cts:
+            split = split_slices(ct.labelled, block)
+            tasks.append(Task("within", ct, slice_pool(ct.reference, split.pool, ct.slice_axis), [(ct, split.test)], split))
+    return tasks
+
+
+@dataclass(frozen=True)
 class Run:
+    protocol: str
+    train_ct: str
     budget: str
     seed: int
     strategy: str
@@ -105,152 +353,133 @@ class Run:
 
     @property
     def key(self) -> str:
-        return f"{self.budget.replace('%', 'pct')}-seed{self.seed}-{self.strategy}-t{self.timestep}"
+        return f"{self.protocol}-{self.train_ct}-{self.budget.replace('%', 'pct')}-seed{self.seed}-{self.strategy}-t{self.timestep}"
 
 
-def plan_runs(config: BenchmarkConfig) -> list[Run]:
+def plan_runs(config: BenchmarkConfig, tasks: list[Task]) -> list[tuple[Run, Task]]:
+    """Every (budget, seed, strategy, timestep) on every task; seeds outermost, so a stopped benchmark has whole tables."""
     runs = []
-    for budget in config.budgets:
-        seeds = config.seeds if budget.endswith("%") else config.seeds[:1]
-        for seed in seeds:
-            for strategy in config.strategies:
-                timesteps = config.timesteps if strategy == "ft-dec" else config.timesteps[:1]
-                runs.extend(Run(budget, seed, strategy, t) for t in timesteps)
+    for protocol in PROTOCOLS:
+        for seed in config.seeds:
+            for budget in config.budgets:
+                for task in (t for t in tasks if t.protocol == protocol):
+                    for strategy in config.strategies:
+                        runs += [(Run(protocol, task.train.name, budget, seed, strategy, t), task) for t in config.timesteps_of(strategy)]
     return runs
 
 
-def budget_slices(budget: str, seed: int, split: Split, labels: np.ndarray, slice_axis: int) -> list[int]:
-    """The training slices of one budget: '4' (curated; any integer works), '10%' (random), 'all'."""
-    if budget == "all":
-        return list(split.pool)
-    if budget.endswith("%"):
-        n = max(1, round(float(budget[:-1]) / 100 * len(split.pool)))
-        rng = np.random.default_rng(seed)
-        return sorted(int(s) for s in rng.choice(split.pool, size=min(n, len(split.pool)), replace=False))
-    count = int(budget)
-    organs = {s: set(np.unique(np.take(labels, s, axis=2 - slice_axis)).tolist()) - {0} for s in split.pool}
-    pixels = {s: int(np.count_nonzero(np.take(labels, s, axis=2 - slice_axis))) for s in split.pool}
-    return curated_slices(organs, pixels, count)
+def budget_table(config: BenchmarkConfig, tasks: list[Task]) -> dict:
+    """Per protocol and training CT: each budget's pool, slices, how they were rounded and the iterations."""
+    table: dict[str, dict] = {}
+    for task in tasks:
+        pool = len(task.pool.slices)
+        entry = {}
+        for budget in config.budgets:
+            size = budget_size(budget, pool)
+            entry[budget] = {"pool": pool, "slices": size.slices, "note": size.note, "iterations": config.rule.iterations(size.slices, config.batch_size)}
+        table.setdefault(task.protocol, {})[task.train.name] = entry
+    return table
 
 
-def only_slices(labels: sitk.Image, keep: list[int], slice_axis: int) -> sitk.Image:
-    """A copy of `labels` with every slice but `keep` erased, as if only those had been painted."""
-    array = sitk.GetArrayFromImage(labels)
-    along = np.moveaxis(array, 2 - slice_axis, 0)  # a view: erasing it erases `array`
-    erase = np.ones(along.shape[0], dtype=bool)
-    erase[keep] = False
-    along[erase] = 0
-    out = sitk.GetImageFromArray(array)
-    out.CopyInformation(labels)
-    return out
+# --- one run -------------------------------------------------------------------------------------------
+
+
+def build_segmentor(run: Run, pretrained: Pretrained) -> Segmentor:
+    """The run's network: pretrained backbone (random for FS) and the strategy's head, seeded by the run."""
+    card = pretrained.card
+    torch.manual_seed(run.seed)
+    segmentor = Segmentor(card.unet, DEFAULT_HEAD_WIDTH.get(card.preset or "", 64), head_layers=HEAD_LAYERS[run.strategy], timestep=run.timestep)
+    if run.strategy != "fs":
+        segmentor.load_pretrained(pretrained.unet_state)
+    return segmentor
 
 
 def evaluate(prediction: np.ndarray, reference: np.ndarray, test: list[int], slice_axis: int) -> dict:
-    """Per-organ DSC/Jaccard over the held-out slices taken together."""
+    """Per-organ DSC/Jaccard over the test slices taken together."""
     axis = 2 - slice_axis
     return organ_overlap(np.take(prediction, test, axis=axis), np.take(reference, test, axis=axis))
 
 
-def run_one(
-    run: Run,
-    config: BenchmarkConfig,
-    ct: sitk.Image,
-    labels: sitk.Image,
-    train_slices: list[int],
-    split: Split,
-    slice_axis: int,
-    pretrained: tuple[dict[str, torch.Tensor], ModelCard],
-    device: torch.device,
-) -> tuple[dict, np.ndarray]:
-    """Fine-tune one model on `train_slices`, segment the whole CT, score the held-out slices."""
-    unet_state, card = pretrained
-    torch.manual_seed(run.seed)
-    segmentor = Segmentor(card.unet, DEFAULT_HEAD_WIDTH.get(card.preset or "", 64), timestep=run.timestep)
-    if run.strategy != "fs":
-        segmentor.load_pretrained(unet_state)
-    data = training_slices([(ct, only_slices(labels, train_slices, slice_axis))], card.preprocessing)
-    settings = FinetuneConfig(strategy=run.strategy, iterations=config.iterations, batch_size=config.batch_size, lr=config.lr, seed=run.seed, patience=0)
-    settings.augment.enabled = config.augment
+def run_one(run: Run, task: Task, train_slices: list[int], settings: FinetuneConfig, pretrained: Pretrained,
+            device: torch.device) -> tuple[dict, dict[str, np.ndarray]]:
+    """Fine-tune one model on `train_slices`, segment each test CT, score its test slices."""
+    segmentor = build_segmentor(run, pretrained)
+    images, labels = task.train.training_data(train_slices)
     start = time.monotonic()
-    result = finetune(segmentor, data.images, data.labels, settings, device)
+    result = finetune(segmentor, images, labels, settings, device)
     train_seconds = time.monotonic() - start
     start = time.monotonic()
-    prediction = sitk.GetArrayFromImage(segment_ct(ct, segmentor, card.preprocessing, device))
-    segment_seconds = time.monotonic() - start
-    scores = evaluate(prediction, sitk.GetArrayViewFromImage(labels), split.test, slice_axis)
+    tests, predictions = {}, {}
+    for ct, slices in task.tests:
+        predictions[ct.name] = sitk.GetArrayFromImage(segment_ct(ct.ct, segmentor, pretrained.card.preprocessing, device))
+        tests[ct.name] = {"test_slices": len(slices), **evaluate(predictions[ct.name], ct.reference, slices, ct.slice_axis)}
     record = {
         **asdict(run),
-        "settings": run_settings(config),
         "train_slices": train_slices,
-        "organs_in_training": data.summary()["organs"],
+        "organs_in_training": organs_in(labels.numpy()),
         "iterations": result.iterations,
         "final_loss": result.final_loss,
         "train_seconds": round(train_seconds, 1),
-        "segment_seconds": round(segment_seconds, 1),
-        **scores,
+        "segment_seconds": round(time.monotonic() - start, 1),
+        "tests": tests,
     }
-    return record, prediction
+    return record, predictions
 
 
-def run_settings(config: BenchmarkConfig) -> dict:
-    """What a finished run must share with the current plan to be reused instead of redone."""
-    return {"iterations": config.iterations, "batch_size": config.batch_size, "lr": config.lr, "block": config.block, "augment": config.augment}
+def run_settings(config: BenchmarkConfig, run: Run, task: Task, train_slices: list[int], pretrained: Pretrained) -> dict:
+    """Everything a finished run must share with the current plan to be reused instead of redone."""
+    settings = config.finetune_config(run.strategy, config.rule.iterations(len(train_slices), config.batch_size), run.seed)
+    return {
+        "pretrained_sha256": pretrained.weights_sha256,
+        "finetune": settings.to_dict(),
+        "head_layers": HEAD_LAYERS[run.strategy],
+        "train_slices": train_slices,
+        "tests": {ct.name: slices for ct, slices in task.tests},
+    }
 
 
-@dataclass
-class BenchmarkData:
-    ct: sitk.Image
-    labels: sitk.Image
-    split: Split
-    slice_axis: int
-
-
-def load_benchmark_data(ct: sitk.Image, labels: sitk.Image, card: ModelCard, block: int) -> BenchmarkData:
-    _, slice_axis, _ = model_grid(Grid.of(ct), card.preprocessing)  # the axis the model slices along
-    labelled = annotated_input_slices(labels, slice_axis)
-    return BenchmarkData(ct, labels, split_slices(labelled, block), slice_axis)
+def prediction_path(runs_dir: Path, run: Run, test_ct: str) -> Path:
+    return runs_dir / f"{run.key}-on-{test_ct}.nii.gz"
 
 
 def run_benchmark(
-    pretrained_dir: Path,
-    ct: sitk.Image,
-    labels: sitk.Image,
+    pretrained: Pretrained,
+    cts: list[LabelledCT],
     out_dir: Path,
     config: BenchmarkConfig,
     device: torch.device,
     on_run: Callable[[Run, dict, bool], None] | None = None,
 ) -> dict:
-    """All runs of the plan (finished ones are read back, not redone); returns the raw results."""
-    unet, card = load_unet(pretrained_dir)
-    if card.kind != "pretrained":
-        raise InputError(f"{pretrained_dir}: is a {card.kind} model; the benchmark starts from a pretrained (kind 'pretrained') model")
-    pretrained = (unet.state_dict(), card)
-    data = load_benchmark_data(ct, labels, card, config.block)
-    reference = sitk.GetArrayViewFromImage(labels)
+    """All runs of the plan (finished ones with the same settings are read back, not redone); the raw results."""
+    tasks = plan_tasks(cts, config.protocols, config.block)
     runs_dir = out_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     records = []
-    for run in plan_runs(config):
+    for run, task in plan_runs(config, tasks):
+        train = budget_slices(run.budget, run.seed, task.pool)
+        settings = run_settings(config, run, task, train, pretrained)
         path = runs_dir / f"{run.key}.json"
-        if path.exists() and json.loads(path.read_text()).get("settings") == run_settings(config):
-            record = json.loads(path.read_text())
-            records.append(record)
+        if path.exists() and (saved := json.loads(path.read_text(encoding="utf-8"))).get("settings") == settings:
+            records.append(saved)
             if on_run:
-                on_run(run, record, True)
+                on_run(run, saved, True)
             continue
-        train = budget_slices(run.budget, run.seed, data.split, reference, data.slice_axis)
-        record, prediction = run_one(run, config, ct, labels, train, data.split, data.slice_axis, pretrained, device)
-        if run.budget == config.budgets[0]:  # kept for the overlay figure
-            _write_atomic_image(prediction, labels, runs_dir / f"{run.key}.nii.gz")
+        record, predictions = run_one(run, task, train, FinetuneConfig.from_dict(settings["finetune"]), pretrained, device)
+        record["settings"] = settings
+        if run.budget == config.budgets[0] and run.seed == config.seeds[0]:  # kept for the overlay figures
+            for ct, _ in task.tests:
+                _write_atomic_image(predictions[ct.name], ct.labels, prediction_path(runs_dir, run, ct.name))
         _write_atomic_text(path, json.dumps(record, indent=1))
         records.append(record)
         if on_run:
             on_run(run, record, False)
     return {
-        "pretrained": {"path": str(pretrained_dir), "name": card.name, "preset": card.preset, "provenance": card.provenance},
-        "split": {**asdict(data.split), "description": data.split.describe()},
-        "organs_in_test": organs_in(np.take(reference, data.split.test, axis=2 - data.slice_axis)),
+        "pretrained": pretrained.describe(),
+        "cts": {ct.name: ct.describe() for ct in cts},
+        "tasks": [{"protocol": t.protocol, "train_ct": t.train.name, "pool": t.pool.slices, "tests": {ct.name: s for ct, s in t.tests},
+                   "split": None if t.split is None else {**asdict(t.split), "description": t.split.describe()}} for t in tasks],
         "config": asdict(config),
+        "budgets": budget_table(config, tasks),
         "runs": records,
     }
 
@@ -269,24 +498,47 @@ def _write_atomic_image(array: np.ndarray, like: sitk.Image, path: Path) -> None
     os.replace(tmp, path)
 
 
+# --- summary -----------------------------------------------------------------------------------------
+
+
 def summarise(results: dict) -> dict:
-    """Mean and std over seeds of the mean DSC/Jaccard per (strategy, timestep, budget), and per organ."""
-    groups: dict[tuple[str, int, str], list[dict]] = {}
+    """Mean and std over seeds and directions per (strategy, timestep, budget): cross-patient, and within each CT."""
+    groups: dict[tuple, list[tuple[dict, str]]] = {}
     for r in results["runs"]:
-        groups.setdefault((r["strategy"], r["timestep"], r["budget"]), []).append(r)
-    table = []
-    for (strategy, timestep, budget), records in groups.items():
-        dsc = [r["mean_dsc"] for r in records if r["mean_dsc"] is not None]
-        jac = [r["mean_jaccard"] for r in records if r["mean_jaccard"] is not None]
-        organs = sorted({o for r in records for o in r["organs"]})
-        table.append({
-            "strategy": strategy, "timestep": timestep, "budget": budget, "seeds": [r["seed"] for r in records],
-            "train_slices": [len(r["train_slices"]) for r in records],
-            "dsc_mean": _mean(dsc), "dsc_std": _std(dsc), "jaccard_mean": _mean(jac), "jaccard_std": _std(jac),
-            "organ_dsc": {o: _mean([r["organs"][o]["dsc"] for r in records if o in r["organs"]]) for o in organs},
-            "train_seconds": _mean([r["train_seconds"] for r in records]),
-        })
-    return {"table": table}
+        scope = "cross" if r["protocol"] == "cross" else r["train_ct"]
+        for test in r["tests"]:
+            groups.setdefault((r["protocol"], scope, r["strategy"], r["timestep"], r["budget"]), []).append((r, test))
+    summary: dict = {"cross": [], "within": {}}
+    for (protocol, scope, strategy, timestep, budget), members in groups.items():
+        row = {"strategy": strategy, "timestep": timestep, "budget": budget, **_scores(members)}
+        if protocol == "cross":
+            summary["cross"].append(row)
+        else:
+            summary["within"].setdefault(scope, []).append(row)
+    return summary
+
+
+def _scores(members: list[tuple[dict, str]]) -> dict:
+    """Mean +- std of the mean DSC/Jaccard over (run, test CT) pairs, per organ, and per direction."""
+    def stats(pairs: list[tuple[dict, str]]) -> dict:
+        dsc = [r["tests"][t]["mean_dsc"] for r, t in pairs if r["tests"][t]["mean_dsc"] is not None]
+        jac = [r["tests"][t]["mean_jaccard"] for r, t in pairs if r["tests"][t]["mean_jaccard"] is not None]
+        return {"n": len(dsc), "dsc_mean": _mean(dsc), "dsc_std": _std(dsc), "jaccard_mean": _mean(jac), "jaccard_std": _std(jac)}
+
+    directions: dict[str, list[tuple[dict, str]]] = {}
+    for r, t in members:
+        directions.setdefault(f"{r['train_ct']} -> {t}", []).append((r, t))
+    organs = sorted({o for r, t in members for o in r["tests"][t]["organs"]})
+    trained = sorted({r["train_ct"] for r, _ in members})
+    return {
+        **stats(members),
+        "seeds": sorted({r["seed"] for r, _ in members}),
+        "organ_dsc": {o: _mean([r["tests"][t]["organs"][o]["dsc"] for r, t in members if o in r["tests"][t]["organs"]]) for o in organs},
+        "directions": {d: {**stats(pairs), "seeds": [r["seed"] for r, _ in pairs]} for d, pairs in directions.items()},
+        "train_slices": {c: sorted({len(r["train_slices"]) for r, _ in members if r["train_ct"] == c}) for c in trained},
+        "iterations": {c: sorted({r["iterations"] for r, _ in members if r["train_ct"] == c}) for c in trained},
+        "train_seconds": _mean([r["train_seconds"] for r, _ in members]),
+    }
 
 
 def _mean(values: list[float]) -> float | None:
@@ -294,5 +546,5 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _std(values: list[float]) -> float | None:
-    return float(np.std(values)) if len(values) > 1 else (0.0 if values else None)
-
+    """Sample standard deviation (0 for a single value)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if values else None)

@@ -3,17 +3,22 @@
 #
 #   bash Training/reproduce_bundled_models.sh [SHARED_DATA_DIR] [WORK_DIR]
 #
-# 1. prepare: the unlabeled real CT (../shared/data/unlabeled) -> 64 x 64 slices (6.4 mm, the
-#    default 41 cm field of view), the size the CPU can pretrain to a plateau in about an hour;
-# 2. pretrain: preset small, 3000 iterations of batch 8, EMA 0.999 with the default warm-up
-#    (decay min(0.999, (1+n)/(10+n)), 0.997 at the end: 0.9999 alone averages over ~10k steps, longer
-#    than this run), every other setting the method's default; resumable: rerunning the script
-#    continues a stopped run;
-# 3. export the EMA weights (float16) as "ddpm-pretrained";
-# 4. fine-tune FT-dec on every labelled slice of abdomen-ct-a -> "flare22-segmentor" (float16);
-# 5. install both into DiffusionSegLib/weights and segment abdomen-ct-a with the default model.
+# 1. prepare: every real CT slice in the shared data (unlabeled/ and the images of the labelled
+#    abdomen-ct-a and abdomen-ct-c; no labels) at 64 x 64 (6.4 mm) and at 128 x 128 (3.2 mm), the
+#    default 41 cm field of view;
+# 2. pretrain at 64 px: preset small, 3000 iterations of batch 8 (about an hour on 2 CPU cores), EMA
+#    0.999 with the default warm-up (0.9999 alone averages over ~10k steps, longer than these runs);
+# 3. grow to 128 px: the 64 px EMA weights start a second run on the 128 px slices (--init; the U-Net
+#    is convolutional and its attention sits at fixed downsampling factors, so the weights fit), 1100
+#    iterations of batch 8 (about 70 minutes on 2 CPU cores);
+# 4. export the EMA weights (float16) as "ddpm-pretrained";
+# 5. fine-tune FT-dec on every labelled slice of both labelled CTs -> "flare22-segmentor" (float16),
+#    fresh augmentation every iteration, per-organ cleanup recorded as its default;
+# 6. install both into DiffusionSegLib/weights and segment abdomen-ct-a with the default model.
 #
-# Everything runs on the CPU unless a GPU is present. Wall times on 2 CPU cores are in the model cards.
+# Steps 2-3 are resumable: rerunning the script continues a stopped run. Everything runs on the CPU
+# unless a GPU is present. Wall times on 2 CPU cores are in the model cards. Held-out figures come from
+# python -m Training.model_figures (see README).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,23 +27,35 @@ work="${2:-$here/runs/bundled}"
 weights="$here/DiffusionSegLib/weights"
 mkdir -p "$work"
 
-for needed in "$shared/unlabeled" "$shared/abdomen-ct-a/ct.nii.gz" "$shared/abdomen-ct-a/labels.nii.gz"; do
+for needed in "$shared/unlabeled" "$shared/abdomen-ct-a/ct.nii.gz" "$shared/abdomen-ct-a/labels.nii.gz" \
+              "$shared/abdomen-ct-c/ct.nii.gz" "$shared/abdomen-ct-c/labels.nii.gz"; do
     [ -e "$needed" ] || { echo "missing $needed: pass the shared data folder as the first argument" >&2; exit 2; }
 done
+images=("$shared/unlabeled" "$shared/abdomen-ct-a/ct.nii.gz" "$shared/abdomen-ct-c/ct.nii.gz")
 
-diffusionseg-train prepare "$shared/unlabeled" -o "$work/slices64" --size 64 --workers 2
+diffusionseg-train prepare "${images[@]}" -o "$work/slices64" --size 64 --workers 2
+diffusionseg-train prepare "${images[@]}" -o "$work/slices128" --size 128 --workers 2
 
-resume=()
-[ -d "$work/pretrain/checkpoints" ] && resume=(--resume)
-diffusionseg-train pretrain --data "$work/slices64" --out "$work/pretrain" --preset small --iterations 3000 --batch-size 8 \
-    --ema-decay 0.999 --checkpoint-every 250 --sample-every 500 --sample-count 16 --sample-steps 50 --workers 1 --no-progress "${resume[@]}"
+pretrain() {  # DATA OUT ITERATIONS [more flags]: resumes OUT when it already holds checkpoints
+    local data="$1" out="$2" iterations="$3"; shift 3
+    local resume=()
+    [ -d "$out/checkpoints" ] && resume=(--resume)
+    diffusionseg-train pretrain --data "$data" --out "$out" --preset small --iterations "$iterations" --batch-size 8 \
+        --ema-decay 0.999 --checkpoint-every 100 --sample-every 0 --workers 1 --no-progress "${resume[@]}" "$@"
+}
+pretrain "$work/slices64" "$work/pretrain64" 3000
+diffusionseg-train export --run "$work/pretrain64" -o "$work/ddpm-pretrained-64" --name ddpm-pretrained-64
+pretrain "$work/slices128" "$work/pretrain128" 1100 --init "$work/ddpm-pretrained-64"
 
-diffusionseg-train export --run "$work/pretrain" -o "$work/ddpm-pretrained" --name ddpm-pretrained --half
-diffusionseg-train sample --model "$work/ddpm-pretrained" -n 32 -o "$work/samples" --steps 100
+diffusionseg-train export --run "$work/pretrain128" -o "$work/ddpm-pretrained" --name ddpm-pretrained --half
+diffusionseg-train sample --model "$work/ddpm-pretrained" -n 16 -o "$work/samples" --sampler ddim --steps 100
 
+echo '{"cache_copies": 0}' > "$work/fresh-augmentation.json"
 diffusionseg finetune --base "$work/ddpm-pretrained" --strategy ft-dec \
     --image "$shared/abdomen-ct-a/ct.nii.gz" --labels "$shared/abdomen-ct-a/labels.nii.gz" \
-    --iterations 1500 --batch-size 8 --patience 150 --half --name flare22-segmentor -o "$work/flare22-segmentor" --progress none
+    --image "$shared/abdomen-ct-c/ct.nii.gz" --labels "$shared/abdomen-ct-c/labels.nii.gz" \
+    --iterations 400 --batch-size 8 --patience 0 --config "$work/fresh-augmentation.json" \
+    --half --name flare22-segmentor -o "$work/flare22-segmentor" --progress none
 
 mkdir -p "$weights"
 for model in ddpm-pretrained flare22-segmentor; do
@@ -49,19 +66,3 @@ du -sh "$weights"/*
 
 diffusionseg segment "$shared/abdomen-ct-a/ct.nii.gz" -o "$work/abdomen-ct-a.seg.nrrd" --progress none
 diffusionseg evaluate --pred "$work/abdomen-ct-a.seg.nrrd" --ref "$shared/abdomen-ct-a/labels.nii.gz" --json "$work/abdomen-ct-a-metrics.json"
-
-# The segmentor's card records how it scores on the CT it was trained on (a sanity figure; the
-# label-efficiency benchmark in docs/ is the honest measure) and points to that benchmark.
-python - "$weights/flare22-segmentor" "$work/abdomen-ct-a-metrics.json" <<'PY'
-import json, sys
-from DiffusionSegLib.models import read_card, read_weights, save_model
-folder, metrics_file = sys.argv[1], sys.argv[2]
-metrics = json.load(open(metrics_file))
-card = read_card(folder)
-card.provenance["metrics"] = {
-    "abdomen-ct-a (training CT, all labelled slices)": {"mean_dsc": metrics["mean_dsc"], "mean_jaccard": metrics["mean_jaccard"],
-                                                        "organ_dsc": {k: v["dsc"] for k, v in metrics["organs"].items()}},
-    "held-out evaluation": "docs/label-efficiency/report.md (FT-dec from this pretrained model, held-out slices)",
-}
-save_model(folder, card, read_weights(folder), half=True)
-PY

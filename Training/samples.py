@@ -10,7 +10,12 @@ import torch
 from PIL import Image
 
 from DiffusionSegLib.diffusion import GaussianDiffusion
-from DiffusionSegLib.unet import UNetModel
+from DiffusionSegLib.unet import UNetConfig, UNetModel
+
+from .checkpoint import load_checkpoint
+
+SAMPLERS = ("ddpm", "ddim")
+DEFAULT_DDIM_STEPS = 50
 
 # Model space maps each scan's 0.5-99.5 percentiles to [-1, 1]; for abdominal CT these are about
 # air (-1024 HU) and dense bone (~1000 HU), which is close enough to show windows by eye.
@@ -19,9 +24,9 @@ WINDOWS = {"lung": (-600.0, 1500.0), "abdomen": (40.0, 400.0)}  # (level, width)
 
 
 @torch.no_grad()
-def sample(model: UNetModel, diffusion: GaussianDiffusion, count: int, *, sampler: str = "ddim", steps: int = 50,
+def sample(model: UNetModel, diffusion: GaussianDiffusion, count: int, *, sampler: str = "ddpm", steps: int = DEFAULT_DDIM_STEPS,
            device: torch.device | str = "cpu", seed: int = 0, batch_size: int = 16) -> np.ndarray:
-    """`count` samples (N x S x S float32 in [-1, 1])."""
+    """`count` samples (N x S x S float32 in [-1, 1]): DDPM over all the schedule's steps (the method's Eq. 4), or DDIM on `steps`."""
     model.eval().to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     size = model.config.image_size
@@ -36,6 +41,19 @@ def sample(model: UNetModel, diffusion: GaussianDiffusion, count: int, *, sample
             raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
         out.append(x[:, 0].float().cpu().numpy())
     return np.concatenate(out)
+
+
+def sampler_steps(sampler: str, steps: int, diffusion: GaussianDiffusion) -> int:
+    """Denoising steps a sampler takes: all of the schedule's for DDPM, `steps` (at most all) for DDIM."""
+    return diffusion.num_timesteps if sampler == "ddpm" else len(diffusion.ddim_timesteps(steps))
+
+
+def ema_model(checkpoint: str | Path) -> tuple[UNetModel, GaussianDiffusion]:
+    """The EMA noise predictor of a training checkpoint and its diffusion schedule."""
+    saved = load_checkpoint(checkpoint, restore_random_state=False)
+    model = UNetModel(UNetConfig.from_dict(saved.state["unet"]))
+    model.load_state_dict(saved.ema)
+    return model.eval(), GaussianDiffusion.from_dict(saved.state["schedule"])
 
 
 def window(samples: np.ndarray, level: float, width: float, clip_hu: tuple[float, float] = TYPICAL_CLIP_HU) -> np.ndarray:

@@ -1,0 +1,176 @@
+"""Held-out figures of a pretrained model as a user meets it: the `diffusionseg` commands with their defaults.
+
+    python -m Training.model_figures --pretrained MODEL --ct NAME CT LABELS --ct NAME CT LABELS -o OUT
+        [--cases four-slice adapt segmentor] [--adapt 120] [--segmentor-iterations 300]
+
+For every labelled CT X (two or more):
+
+- four-slice: the 4 labelled axial slices of X that cover the most organs are "painted" (every other
+  slice erased), then ``diffusionseg finetune`` with default settings trains FT-dec from the pretrained
+  model, and FS (``--strategy fs --base``: the same architecture and pixels, random initialisation).
+  Each model segments every CT; scored within-CT on X's other labelled slices, cross-patient on the
+  other CTs' labelled volumes.
+- adapt: the same FT-dec run after ``--adapt SECONDS`` of DDPM training on X's own slices.
+- segmentor: FT-dec on all labelled slices of X with the bundled segmentor's settings (fresh
+  augmentation every iteration), scored on the
+  other CTs (leave-one-patient-out: the figure the default model, trained on all CTs, is judged by),
+  with and without ``--cleanup``.
+
+Every case runs the real commands in child processes and is written to OUT/figures.json as it ends,
+so a stopped run resumes; models and segmentations are kept under OUT/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from DiffusionSegLib.annotations import annotated_input_slices
+from DiffusionSegLib.imageio import read_ct, read_labels
+from DiffusionSegLib.metrics import organ_overlap
+from DiffusionSegLib.models import read_card, resolve_model
+from DiffusionSegLib.preprocessing import Grid, model_grid
+
+from .label_efficiency import curated_slices, only_slices
+
+CASES = ("four-slice", "adapt", "segmentor")
+
+
+def slice_axis_of(ct: sitk.Image, spec) -> int:
+    return model_grid(Grid.of(ct), spec)[1]
+
+
+def organ_cover(labels: sitk.Image, axis: int, count: int = 4) -> list[int]:
+    array = sitk.GetArrayViewFromImage(labels)
+    labelled = annotated_input_slices(labels, axis)
+    organs = {s: set(np.unique(np.take(array, s, axis=2 - axis)).tolist()) - {0} for s in labelled}
+    pixels = {s: int(np.count_nonzero(np.take(array, s, axis=2 - axis))) for s in labelled}
+    return curated_slices(organs, pixels, count)
+
+
+def run_command(args: list[str], log: Path) -> float:
+    """Run `diffusionseg ARGS` in a child process; returns its wall time. Output goes to `log`."""
+    start = time.monotonic()
+    with log.open("w") as out:
+        done = subprocess.run([sys.executable, "-m", "DiffusionSegLib", *args, "--progress", "none"], stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"diffusionseg {' '.join(args)} failed ({done.returncode}); see {log}")
+    return time.monotonic() - start
+
+
+def score(prediction: Path, labels: sitk.Image, axis: int, exclude: list[int]) -> dict:
+    """Per-organ DSC/Jaccard over the labelled slices of `labels` except `exclude`."""
+    pred = sitk.GetArrayFromImage(read_labels(str(prediction), labels))
+    ref = sitk.GetArrayViewFromImage(labels)
+    keep = [s for s in annotated_input_slices(labels, axis) if s not in set(exclude)]
+    return organ_overlap(np.take(pred, keep, axis=2 - axis), np.take(ref, keep, axis=2 - axis))
+
+
+class Figures:
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.path = out / "figures.json"
+        self.results = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def done(self, key: str) -> bool:
+        return key in self.results
+
+    def save(self, key: str, record: dict) -> None:
+        self.results[key] = record
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.results, indent=1) + "\n")
+        os.replace(tmp, self.path)
+        summary = {k: v for k, v in record.items() if k.endswith("dsc") or k in ("train_seconds",)}
+        print(key, json.dumps(summary), flush=True)
+
+
+def evaluate_model(model: Path, name: str, cts: dict, axes: dict, exclude: dict, out: Path, extra: list[str] | None = None) -> dict:
+    """Segment every CT with `model` and score it; `exclude[ct]` are that CT's training slices."""
+    record: dict = {}
+    for ct_name, (ct_path, labels) in cts.items():
+        seg = out / f"{name}-on-{ct_name}.nii.gz"
+        seconds = run_command(["segment", ct_path, "-o", str(seg), "--model", str(model), *(extra or [])], out / f"{name}-on-{ct_name}.log")
+        metrics = score(seg, labels, axes[ct_name], exclude.get(ct_name, []))
+        record[ct_name] = {"segment_seconds": round(seconds, 1), **metrics}
+    return record
+
+
+def summarise(record: dict, trained_on: str) -> dict:
+    within = record.get(trained_on, {}).get("mean_dsc")
+    cross = [v["mean_dsc"] for k, v in record.items() if k != trained_on and isinstance(v, dict) and v.get("mean_dsc") is not None]
+    return {"within_dsc": within, "cross_dsc": float(np.mean(cross)) if cross else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrained", required=True, help="pretrained model name or folder")
+    parser.add_argument("--ct", nargs=3, action="append", required=True, metavar=("NAME", "CT", "LABELS"), help="a labelled CT (repeat)")
+    parser.add_argument("-o", "--output", required=True, help="output folder (figures.json, models, logs)")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which figures (default all)")
+    parser.add_argument("--adapt", type=float, default=120.0, help="seconds of DDPM adaptation in the adapt case (default 120)")
+    parser.add_argument("--segmentor-iterations", type=int, default=300, help="FT-dec iterations for the all-slices models (default 300)")
+    parser.add_argument("--segmentor-batch", type=int, default=8, help="batch for the all-slices models (default 8)")
+    args = parser.parse_args(argv)
+    if len(args.ct) < 2:
+        parser.error("give at least two --ct (cross-patient figures need another patient)")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    pretrained = resolve_model(args.pretrained, "pretrained")
+    spec = read_card(pretrained).preprocessing
+    cts, axes = {}, {}
+    for name, ct_path, labels_path in args.ct:
+        ct = read_ct(ct_path)
+        cts[name] = (ct_path, read_labels(labels_path, ct))
+        axes[name] = slice_axis_of(ct, spec)
+    figures = Figures(out)
+
+    def train_and_score(key: str, ct_name: str, labels_file: Path, train_slices: list[int], options: list[str]) -> None:
+        if figures.done(key):
+            return
+        model = out / key
+        seconds = run_command(["finetune", "--image", cts[ct_name][0], "--labels", str(labels_file), "-o", str(model), *options], out / f"{key}.log")
+        record = evaluate_model(model, key, cts, axes, {ct_name: train_slices}, out)
+        card = read_card(model)
+        record.update(summarise(record, ct_name), trained_on=ct_name, train_slices=train_slices, train_seconds=round(seconds, 1),
+                      options=options, iterations=card.provenance.get("iterations"), stopped_by=card.provenance.get("stopped_by"))
+        figures.save(key, record)
+
+    for name, (_, labels) in cts.items():
+        painted_slices = organ_cover(labels, axes[name])
+        painted = out / f"{name}-4-slices.nii.gz"
+        if not painted.exists():
+            sitk.WriteImage(only_slices(labels, painted_slices, axes[name]), str(painted), useCompression=True)
+        if "four-slice" in args.cases:
+            train_and_score(f"{name}-4-ft-dec", name, painted, painted_slices, ["--base", str(pretrained)])
+            train_and_score(f"{name}-4-fs", name, painted, painted_slices, ["--base", str(pretrained), "--strategy", "fs"])
+        if "adapt" in args.cases:
+            train_and_score(f"{name}-4-ft-dec-adapt{args.adapt:g}", name, painted, painted_slices,
+                            ["--base", str(pretrained), "--adapt", f"{args.adapt:g}"])
+
+    if "segmentor" in args.cases:
+        for name, (_, labels) in cts.items():
+            key = f"{name}-all-ft-dec"
+            fresh = out / "fresh-augmentation.json"  # no fixed pool: 180 slices would get no augmented copies under the cache cap
+            fresh.write_text(json.dumps({"cache_copies": 0}) + "\n")
+            options = ["--base", str(pretrained), "--iterations", str(args.segmentor_iterations), "--batch-size", str(args.segmentor_batch),
+                       "--patience", "0", "--config", str(fresh)]
+            labels_path = next(p for n, _, p in args.ct if n == name)
+            train_and_score(key, name, Path(labels_path), annotated_input_slices(labels, axes[name]), options)
+            cleaned = f"{key}-cleanup"
+            if not figures.done(cleaned):
+                record = evaluate_model(out / key, cleaned, cts, axes, {}, out, ["--cleanup"])
+                record.update(summarise(record, name), trained_on=name)
+                figures.save(cleaned, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
