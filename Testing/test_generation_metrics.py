@@ -15,7 +15,16 @@ from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from Training import inception
 from Training.cli import main as train
-from Training.generation_metrics import f1_score, feature_fid, frechet_distance, precision_recall, statistics
+from Training.generation_metrics import (
+    GenerationMetrics,
+    best_fid_step,
+    f1_score,
+    feature_fid,
+    frechet_distance,
+    precision_recall,
+    record_fids,
+    statistics,
+)
 from Training.inception import SPATIAL_FEATURES, FIDInception, installed_weights, load_inception, to_inception_input
 from Training.shards import SliceIndex, write_index, write_shard
 
@@ -203,3 +212,27 @@ def test_real_weights_match_the_reference_network_and_rank_samples():
     assert abs(feature_fid(a, a)) < 1e-3
     assert 0 < fid_real < fid_noise / 2, (fid_real, fid_noise)
     assert precision_recall(a, noise)[0] == 0.0
+
+
+def test_fid_record_keeps_entries_of_the_same_settings_and_names_the_lowest(tmp_path):
+    def metrics(fid: float) -> GenerationMetrics:
+        return GenerationMetrics(fid=fid, sfid=1.0, precision=0.5, recall=0.5, f1=0.5, num_samples=8, num_reference=8)
+
+    with pytest.raises(InputError, match="evaluate-generation --run"):
+        best_fid_step(tmp_path)
+    settings = {"count": 8, "sampler": "ddpm", "steps": 1000}
+    record_fids(tmp_path, settings, {100: metrics(50.0), 200: metrics(30.0)})
+    record = record_fids(tmp_path, settings, {300: metrics(40.0)})
+    assert list(record["checkpoints"]) == ["100", "200", "300"] and record["best"] == {"step": 200, "fid": 30.0}
+    assert best_fid_step(tmp_path) == 200
+    # FIDs under other settings (sampler, set size) do not compare: the earlier entries are dropped.
+    record = record_fids(tmp_path, {**settings, "sampler": "ddim"}, {300: metrics(40.0)})
+    assert list(record["checkpoints"]) == ["300"] and best_fid_step(tmp_path) == 300
+    assert json.loads((tmp_path / "fid.json").read_text())["settings"]["sampler"] == "ddim"
+
+
+def test_sampling_flags_belong_to_run_mode(tmp_path, random_weights, capsys):
+    np.savez(tmp_path / "s.npz", samples=np.zeros((4, 16, 16), np.float32))
+    assert train(["evaluate-generation", "--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path), "--steps", "5",
+                  "--inception-weights", str(random_weights)]) == 2
+    assert "apply to --run" in capsys.readouterr().err

@@ -204,6 +204,7 @@ def write_phantoms(folder) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 def test_benchmark_command_reduced(tiny_pretrained, tmp_path, capsys):
     out = tmp_path / "report"
     common = ["benchmark", "--pretrained", str(tiny_pretrained), *write_phantoms(tmp_path), "-o", str(out), "--seeds", "0", "--block", "4",
@@ -227,7 +228,8 @@ def test_benchmark_command_reduced(tiny_pretrained, tmp_path, capsys):
     assert md.startswith("# Label efficiency: a, b")
     assert shlex.join(["diffusionseg-train", *args]) in md  # the exact command
     assert "## Cross-patient (headline)" in md and "## Within-CT block split" in md and "### a" in md
-    assert "| LP (linear) |" in md and "| FS (from scratch) |" in md and "| 2 slices (organ cover) DSC | 2 slices (organ cover) Jaccard | 1% (1 slice) DSC |" in md
+    assert "| LP (linear) |" in md and "| FS (from scratch) |" in md
+    assert "| 2 slices (organ cover) DSC | 2 slices (organ cover) Jaccard | 1% (1 slice) DSC |" in md
     assert "rounded up to 1 (at least one slice)" in md and "frozen-feature pool is off" in md
     assert "Per-organ DSC (%) at the 2 slices (organ cover) budget" in md and "| a -> b |" in md
     assert (out / "overlays-cross-a-to-b-2.png").stat().st_size > 0 and (out / "overlays-within-b-2.png").stat().st_size > 0

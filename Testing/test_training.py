@@ -17,11 +17,14 @@ import SimpleITK as sitk
 import torch
 from conftest import SHARED_DATA
 from phantom import make_phantom, write_dicom_series
+from safetensors.torch import save_file
 
 from DiffusionSegLib.cli import main as diffusionseg
 from DiffusionSegLib.models import load_unet
 from Training.checkpoint import Checkpoint, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from Training.cli import build_parser
 from Training.cli import main as train
+from Training.inception import FIDInception
 from Training.pretrain import PretrainConfig, ema_decay_at, lr_at
 from Training.shards import SliceDataset, read_index
 
@@ -154,7 +157,7 @@ def test_pretrain_kill_resume_sample_export_finetune(slices_dir, tmp_path, capsy
     assert steps == sorted(steps) and steps[-1] == target  # the loss curve continues
     assert load_checkpoint(latest_checkpoint(run / "checkpoints"), restore_random_state=False).step == target
 
-    assert train(["sample", "--run", str(run), "-n", "3", "-o", str(tmp_path / "samples"), "--steps", "4"]) == 0
+    assert train(["sample", "--run", str(run), "-n", "3", "-o", str(tmp_path / "samples"), "--sampler", "ddim", "--steps", "4"]) == 0
     samples = np.load(tmp_path / "samples.npz")["samples"]
     assert samples.shape == (3, 64, 64) and (tmp_path / "samples.png").stat().st_size > 0
 
@@ -184,3 +187,78 @@ def test_torchrun_two_processes_on_cpu(slices_dir, tmp_path):
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step-00000003", "step-00000006"]
     config = json.loads((run / "config.json").read_text())
     assert config["world_size"] == 2
+
+
+@pytest.fixture(scope="module")
+def short_run(slices_dir, tmp_path_factory) -> Path:
+    """6 tiny pretraining steps, a checkpoint every 2; 10 diffusion steps, so the full DDPM sampler is quick."""
+    run = tmp_path_factory.mktemp("short") / "run"
+    assert train(["pretrain", "--data", str(slices_dir), "--out", str(run), *FAST, "--iterations", "6", "--checkpoint-every", "2",
+                  "--keep-checkpoints", "3", "--num-timesteps", "10"]) == 0
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step-00000002", "step-00000004", "step-00000006"]
+    return run
+
+
+def exported_ema(folder: Path) -> dict[str, torch.Tensor]:
+    return load_unet(folder)[0].state_dict()
+
+
+def test_export_picks_the_checkpoint_asked_for(short_run, tmp_path, capsys):
+    assert train(["export", "--run", str(short_run), "-o", str(tmp_path / "two"), "--checkpoint", "2"]) == 0
+    ema = load_checkpoint(short_run / "checkpoints" / "step-00000002", restore_random_state=False).ema
+    exported = exported_ema(tmp_path / "two")
+    assert all(torch.equal(exported[k], ema[k]) for k in exported)
+    latest = load_checkpoint(short_run / "checkpoints" / "step-00000006", restore_random_state=False).ema
+    assert not all(torch.equal(exported[k], latest[k]) for k in exported)  # the EMA moved between steps 2 and 6
+    card = load_unet(tmp_path / "two")[1]
+    assert card.provenance["checkpoint"] == "step-00000002" and card.provenance["iterations"] == 2 and card.provenance["selected_by"] == "step"
+    assert train(["export", "--run", str(short_run), "-o", str(tmp_path / "latest")]) == 0
+    assert load_unet(tmp_path / "latest")[1].provenance["iterations"] == 6
+    assert train(["export", "--run", str(short_run), "-o", str(tmp_path / "x"), "--checkpoint", "3"]) == 2
+    assert "no checkpoint of step 3; kept steps: 2, 4, 6" in capsys.readouterr().err
+    assert train(["export", "--run", str(short_run), "-o", str(tmp_path / "x"), "--checkpoint", "best"]) == 2
+    assert "evaluate-generation --run" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_sample_defaults_to_the_full_ddpm_sampler(short_run, tmp_path, capsys):
+    args = build_parser().parse_args(["sample", "--run", "r", "-o", "x"])
+    assert args.sampler == "ddpm" and args.steps is None
+    assert train(["sample", "--run", str(short_run), "-n", "2", "-o", str(tmp_path / "ddpm"), "--device", "cpu"]) == 0
+    with np.load(tmp_path / "ddpm.npz") as saved:
+        assert str(saved["sampler"]) == "ddpm" and int(saved["steps"]) == 10 and saved["samples"].shape == (2, 64, 64)
+    assert train(["sample", "--run", str(short_run), "-n", "2", "-o", str(tmp_path / "ddim"), "--sampler", "ddim", "--steps", "3",
+                  "--checkpoint", "2", "--device", "cpu"]) == 0
+    with np.load(tmp_path / "ddim.npz") as saved:
+        assert str(saved["sampler"]) == "ddim" and int(saved["steps"]) == 3
+    assert train(["sample", "--run", str(short_run), "-n", "2", "-o", str(tmp_path / "bad"), "--steps", "3"]) == 2
+    assert "--steps applies to --sampler ddim" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory) -> Path:
+    """Random Inception weights: the metrics' mechanics without downloading the real ones."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("inception") / "random.safetensors"
+    save_file(FIDInception().state_dict(), str(path))
+    return path
+
+
+def test_best_fid_checkpoint_is_found_and_exported(short_run, slices_dir, random_inception, tmp_path, capsys):
+    evaluate = ["evaluate-generation", "--run", str(short_run), "--reference", str(slices_dir), "--count", "4", "--max-reference", "6",
+                "--inception-weights", str(random_inception), "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    assert train(evaluate) == 0
+    record = json.loads((short_run / "fid.json").read_text())
+    assert sorted(record["checkpoints"], key=int) == ["2", "4", "6"]
+    assert record["settings"]["sampler"] == "ddpm" and record["settings"]["steps"] == 10 and record["settings"]["count"] == 4
+    fids = {int(step): m["fid"] for step, m in record["checkpoints"].items()}
+    assert record["best"] == {"step": min(fids, key=fids.get), "fid": min(fids.values())}
+    assert f"best: step {record['best']['step']}" in capsys.readouterr().out
+    # Evaluating one checkpoint again under the same settings keeps the others.
+    assert train([*evaluate, "--checkpoints", "4"]) == 0
+    assert sorted(json.loads((short_run / "fid.json").read_text())["checkpoints"], key=int) == ["2", "4", "6"]
+    assert train(["export", "--run", str(short_run), "-o", str(tmp_path / "best"), "--checkpoint", "best"]) == 0
+    card = load_unet(tmp_path / "best")[1]
+    assert card.provenance["iterations"] == record["best"]["step"] and card.provenance["selected_by"] == "lowest FID"
+    assert card.provenance["generation_metrics"]["fid"] == pytest.approx(record["best"]["fid"])
+    assert train([*evaluate, "--checkpoints", "5"]) == 2
+    assert "kept steps: 2, 4, 6" in capsys.readouterr().err

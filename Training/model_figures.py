@@ -39,7 +39,7 @@ from DiffusionSegLib.metrics import organ_overlap
 from DiffusionSegLib.models import read_card, resolve_model
 from DiffusionSegLib.preprocessing import Grid, model_grid
 
-from .label_efficiency import curated_slices, only_slices
+from .label_efficiency import curated_slices
 
 CASES = ("four-slice", "adapt", "segmentor")
 
@@ -54,6 +54,18 @@ def organ_cover(labels: sitk.Image, axis: int, count: int = 4) -> list[int]:
     organs = {s: set(np.unique(np.take(array, s, axis=2 - axis)).tolist()) - {0} for s in labelled}
     pixels = {s: int(np.count_nonzero(np.take(array, s, axis=2 - axis))) for s in labelled}
     return curated_slices(organs, pixels, count)
+
+
+def only_slices(labels: sitk.Image, keep: list[int], axis: int) -> sitk.Image:
+    """A copy of `labels` with every slice but `keep` erased, as if only those had been painted."""
+    array = sitk.GetArrayFromImage(labels)
+    along = np.moveaxis(array, 2 - axis, 0)  # a view: erasing it erases `array`
+    erase = np.ones(along.shape[0], dtype=bool)
+    erase[keep] = False
+    along[erase] = 0
+    painted = sitk.GetImageFromArray(array)
+    painted.CopyInformation(labels)
+    return painted
 
 
 def run_command(args: list[str], log: Path) -> float:
@@ -118,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapt", type=float, default=120.0, help="seconds of DDPM adaptation in the adapt case (default 120)")
     parser.add_argument("--segmentor-iterations", type=int, default=300, help="FT-dec iterations for the all-slices models (default 300)")
     parser.add_argument("--segmentor-batch", type=int, default=8, help="batch for the all-slices models (default 8)")
+    parser.add_argument("--quick", action="store_true", help="2 iterations everywhere: a smoke run of the pipeline, not a figure")
     args = parser.parse_args(argv)
     if len(args.ct) < 2:
         parser.error("give at least two --ct (cross-patient figures need another patient)")
@@ -136,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         if figures.done(key):
             return
         model = out / key
-        seconds = run_command(["finetune", "--image", cts[ct_name][0], "--labels", str(labels_file), "-o", str(model), *options], out / f"{key}.log")
+        quick = ["--iterations", "2"] if args.quick else []
+        seconds = run_command(["finetune", "--image", cts[ct_name][0], "--labels", str(labels_file), "-o", str(model), *options, *quick],
+                              out / f"{key}.log")
         record = evaluate_model(model, key, cts, axes, {ct_name: train_slices}, out)
         card = read_card(model)
         record.update(summarise(record, ct_name), trained_on=ct_name, train_slices=train_slices, train_seconds=round(seconds, 1),

