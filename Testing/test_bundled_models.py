@@ -11,7 +11,7 @@ from conftest import shared_data
 from DiffusionSegLib.cli import main as diffusionseg
 from DiffusionSegLib.models import BUNDLED_DIR, DEFAULT_PRETRAINED, DEFAULT_SEGMENTOR, read_card, resolve_model
 
-MAX_TOTAL_MB = 40
+MAX_TOTAL_MB = 60  # the issue's cap on everything the package ships
 
 
 def test_both_bundled_models_ship_and_are_the_defaults():
@@ -28,13 +28,18 @@ def test_model_cards_say_what_data_how_long_which_hardware_and_the_metrics():
     assert pretrained.kind == "pretrained" and pretrained.provenance["weights"] == "EMA"
     for key in ("iterations", "final_loss", "training_seconds", "hardware", "data"):
         assert pretrained.provenance.get(key) is not None, key
-    assert pretrained.provenance["data"]["slices"] > 300
+    assert pretrained.provenance["data"]["slices"] > 800  # every real slice of the shared data, labelled CTs' images included
+    assert pretrained.preprocessing.size >= 128 and pretrained.preprocessing.spacing_mm <= 3.2 + 1e-6
+    assert all(source["licence"] for source in pretrained.provenance["data"]["sources"])
     segmentor = read_card(BUNDLED_DIR / DEFAULT_SEGMENTOR)
     assert segmentor.kind == "segmentor" and segmentor.strategy == "ft-dec" and segmentor.timestep == 0
     assert segmentor.preprocessing == pretrained.preprocessing and segmentor.unet == pretrained.unet
     for key in ("iterations", "seconds", "hardware", "training_slices", "base", "metrics"):
         assert segmentor.provenance.get(key), key
     assert segmentor.provenance["base"]["name"] == DEFAULT_PRETRAINED
+    assert {source["name"] for source in segmentor.provenance["data_sources"]} == {"abdomen-ct-a", "abdomen-ct-c"}
+    held_out = {key: value for key, value in segmentor.provenance["metrics"].items() if key.endswith("-all-ft-dec")}
+    assert held_out and all(ct != key.removesuffix("-all-ft-dec") for key, scores in held_out.items() for ct in scores)
 
 
 def test_default_segmentation_of_the_labelled_ct(tmp_path):
@@ -45,7 +50,7 @@ def test_default_segmentation_of_the_labelled_ct(tmp_path):
     assert diffusionseg(["segment", str(ct), "-o", str(out), "--progress", "none"]) == 0
     assert diffusionseg(["evaluate", "--pred", str(out), "--ref", str(labels), "--json", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
-    # Built at 0.76 mean DSC (liver 0.80: 6.4 mm pixels at 64 px); a broken model or pipeline falls far below.
+    # Trained on this CT (and abdomen-ct-c); a broken model or pipeline falls far below these.
     assert metrics["organs"]["liver"]["dsc"] > 0.7 and metrics["organs"]["left kidney"]["dsc"] > 0.7
     assert metrics["mean_dsc"] > 0.6
     pred = sitk.ReadImage(str(out))

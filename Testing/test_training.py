@@ -262,3 +262,28 @@ def test_best_fid_checkpoint_is_found_and_exported(short_run, slices_dir, random
     assert card.provenance["generation_metrics"]["fid"] == pytest.approx(record["best"]["fid"])
     assert train([*evaluate, "--checkpoints", "5"]) == 2
     assert "kept steps: 2, 4, 6" in capsys.readouterr().err
+
+
+def test_pretrain_init_grows_a_model_to_another_slice_size(short_run, tmp_path, capsys):
+    """--init: a 64 px model's weights start a run at 32 px (the same convolutions and attention levels)."""
+    assert train(["export", "--run", str(short_run), "-o", str(tmp_path / "tiny64")]) == 0
+    small_slices = tmp_path / "slices32"
+    assert train(["prepare", *map(str, unlabeled_inputs_for(tmp_path)), "-o", str(small_slices), "--size", "32"]) == 0
+    run = tmp_path / "grown"
+    # A learning rate of ~0 so the one step leaves the weights where --init put them.
+    assert train(["pretrain", "--data", str(small_slices), "--out", str(run), *FAST, "--iterations", "1", "--checkpoint-every", "1",
+                  "--num-timesteps", "10", "--lr", "1e-12", "--lr-final", "1e-12", "--init", str(tmp_path / "tiny64")]) == 0
+    start = exported_ema(tmp_path / "tiny64")
+    grown = load_checkpoint(run / "checkpoints" / "step-00000001", restore_random_state=False)
+    assert json.loads((run / "config.json").read_text())["unet"]["image_size"] == 32
+    assert all(torch.allclose(grown.model[k], start[k], atol=1e-6) for k in start)
+    assert train(["pretrain", "--data", str(small_slices), "--out", str(tmp_path / "other"), *FAST[2:], "--preset", "small",
+                  "--iterations", "1", "--init", str(tmp_path / "tiny64")]) == 2
+    assert "differs from --preset's" in capsys.readouterr().err
+
+
+def unlabeled_inputs_for(tmp_path: Path) -> list[Path]:
+    """A small phantom CT: enough slices for a 32 px dataset without preparing the real data again."""
+    ct, _ = make_phantom(size=(48, 48, 12), spacing=(8.0, 8.0, 10.0), seed=3)
+    sitk.WriteImage(ct, str(tmp_path / "phantom.nii.gz"))
+    return [tmp_path / "phantom.nii.gz"]

@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapt", type=float, default=120.0, help="seconds of DDPM adaptation in the adapt case (default 120)")
     parser.add_argument("--segmentor-iterations", type=int, default=300, help="FT-dec iterations for the all-slices models (default 300)")
     parser.add_argument("--segmentor-batch", type=int, default=8, help="batch for the all-slices models (default 8)")
+    parser.add_argument("--train-on", nargs="+", help="only the models trained on these CTs (default: every CT)")
     parser.add_argument("--quick", action="store_true", help="2 iterations everywhere: a smoke run of the pipeline, not a figure")
     args = parser.parse_args(argv)
     if len(args.ct) < 2:
@@ -158,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                       options=options, iterations=card.provenance.get("iterations"), stopped_by=card.provenance.get("stopped_by"))
         figures.save(key, record)
 
+    trained_on = args.train_on or list(cts)
     for name, (_, labels) in cts.items():
+        if name not in trained_on:
+            continue
         painted_slices = organ_cover(labels, axes[name])
         painted = out / f"{name}-4-slices.nii.gz"
         if not painted.exists():
@@ -172,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "segmentor" in args.cases:
         for name, (_, labels) in cts.items():
+            if name not in trained_on:
+                continue
             key = f"{name}-all-ft-dec"
             fresh = out / "fresh-augmentation.json"  # no fixed pool: 180 slices would get no augmented copies under the cache cap
             fresh.write_text(json.dumps({"cache_copies": 0}) + "\n")

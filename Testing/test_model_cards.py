@@ -1,0 +1,60 @@
+"""Completing the bundled cards: data licences and held-out metrics from Training.model_figures."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from DiffusionSegLib.models import ModelCard, read_card, read_weights, save_model
+from DiffusionSegLib.preprocessing import PreprocessingSpec
+from DiffusionSegLib.segmentor import Segmentor
+from DiffusionSegLib.unet import preset_config
+from Training.model_cards import complete_segmentor, data_sources, held_out_metrics, source_of
+
+FIGURES = {
+    "abdomen-ct-a-all-ft-dec": {
+        "trained_on": "abdomen-ct-a",
+        "abdomen-ct-a": {"mean_dsc": 0.9, "organs": {"liver": {"dsc": 0.95}}},
+        "abdomen-ct-c": {"mean_dsc": 0.6, "organs": {"liver": {"dsc": 0.9}}},
+        "within_dsc": 0.9,
+    },
+    "abdomen-ct-c-4-ft-dec": {
+        "trained_on": "abdomen-ct-c",
+        "abdomen-ct-a": {"mean_dsc": 0.4, "organs": {"liver": {"dsc": 0.7}}},
+        "abdomen-ct-c": {"mean_dsc": 0.5, "organs": {"liver": {"dsc": 0.8}}},
+    },
+}
+
+
+def test_sources_and_licences_are_named_by_file():
+    assert source_of("/x/shared/data/unlabeled/ircadb-01-ct.nii.gz")[2].startswith("research use")
+    assert source_of("/x/shared/data/abdomen-ct-c/ct.nii.gz")[2] == "MIT"
+    assert source_of("/x/unlabeled/crlm-ct-1004-dicom/1-01.dcm#series=1.2.3")[0] == "crlm-ct-1004-dicom"
+    assert source_of("/elsewhere/mine.nii.gz")[2].startswith("unknown")
+    names = [d["name"] for d in data_sources(["/d/abdomen-ct-a/ct.nii.gz", "/d/unlabeled/crlm-ct-1006.nii.gz", "/e/abdomen-ct-a/ct.nii.gz"])]
+    assert names == ["abdomen-ct-a", "crlm-ct-1006"]
+
+
+def test_held_out_metrics_leave_out_the_training_ct_of_all_slice_models():
+    metrics = held_out_metrics(FIGURES)
+    assert set(metrics["abdomen-ct-a-all-ft-dec"]) == {"abdomen-ct-c"}
+    assert metrics["abdomen-ct-a-all-ft-dec"]["abdomen-ct-c"] == {"held_out": "other patient", "mean_dsc": 0.6, "organ_dsc": {"liver": 0.9}}
+    assert metrics["abdomen-ct-c-4-ft-dec"]["abdomen-ct-c"]["held_out"] == "other slices of the same CT"
+
+
+def test_complete_segmentor_writes_metrics_sources_and_cleanup_but_keeps_the_weights(tmp_path):
+    torch.manual_seed(0)
+    config = preset_config("tiny")
+    segmentor = Segmentor(config, 32)
+    card = ModelCard(kind="segmentor", unet=config, preprocessing=PreprocessingSpec.for_size(config.image_size), head={"width": 32, "layers": 2},
+                     strategy="ft-dec", preset="tiny", name="s", provenance={"data": [{"image": "/d/abdomen-ct-a/ct.nii.gz"}]})
+    folder = save_model(tmp_path / "s", card, segmentor.state_dict())
+    before = read_weights(folder)
+    complete_segmentor(folder, FIGURES, cleanup=True)
+    after = read_card(folder)
+    assert after.cleanup and after.provenance["data_sources"][0]["licence"] == "Apache-2.0"
+    assert after.provenance["metrics"]["abdomen-ct-a-all-ft-dec"]["abdomen-ct-c"]["mean_dsc"] == 0.6
+    assert all(torch.equal(before[k].half().float(), v.float()) for k, v in read_weights(folder).items())
+    complete_segmentor(folder, FIGURES, cleanup=False)
+    assert not read_card(folder).cleanup and "postprocessing" in json.loads((folder / "model.json").read_text())
