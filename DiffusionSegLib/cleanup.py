@@ -33,7 +33,7 @@ from skimage.measure import label as connected_components
 from .preprocessing import canonical_axes
 
 MIN_FRACTION = 0.1
-MAX_HOLE_MM2 = 1000.0  # 10 cm^2: ~25 pixels of the bundled model's 6.4 mm grid, far above a missed vessel
+MAX_HOLE_MM2 = 1000.0  # 10 cm^2: ~100 pixels of the bundled model's 3.2 mm grid, far above a missed vessel
 
 
 def clean_labelmap(

@@ -68,27 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="slice dataset folder (created, or extended when it exists)")
     p.add_argument("--size", type=int, default=256, help="slice size in pixels (default 256)")
     p.add_argument("--spacing", type=float, help="in-plane spacing in mm (default: a 409.6 mm field of view)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="volumes prepared in parallel (default 1)")
 
     t = sub.add_parser("pretrain", help="train the noise predictor")
     t.add_argument("--data", required=True, help="slice dataset folder from 'prepare'")
     t.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, samples/")
     t.add_argument("--config", help="YAML or JSON file of settings (flags override it)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (default: a tqdm bar)")
     for f in fields(PretrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = f"(default {f.default})"  # PretrainConfig's field comments say more
         if f.type in ("bool", bool):
-            t.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            t.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=default)
         elif f.name == "preset":
-            t.add_argument(flag, dest=f.name, choices=sorted(PRESETS))
+            t.add_argument(flag, dest=f.name, choices=sorted(PRESETS), help=default)
         elif f.name == "schedule":
-            t.add_argument(flag, dest=f.name, choices=SCHEDULES)
+            t.add_argument(flag, dest=f.name, choices=SCHEDULES, help=default)
         elif f.name == "init":
             t.add_argument(flag, dest=f.name, metavar="MODEL",
                            help="start from this pretrained model's weights (name or folder; same preset, any slice size) instead of random (default: random)")
         else:
-            t.add_argument(flag, dest=f.name, type=float if f.type in ("float", float) else int)
+            t.add_argument(flag, dest=f.name, type=float if f.type in ("float", float) else int, help=default)
 
     s = sub.add_parser("sample", help="draw samples with the EMA weights")
     source = s.add_mutually_exclusive_group(required=True)
