@@ -39,7 +39,7 @@ from DiffusionSegLib.metrics import organ_overlap
 from DiffusionSegLib.models import read_card, resolve_model
 from DiffusionSegLib.preprocessing import Grid, model_grid
 
-from .label_efficiency import curated_slices
+from .label_efficiency import curated_slices, slice_pool
 
 CASES = ("four-slice", "adapt", "segmentor")
 
@@ -49,11 +49,9 @@ def slice_axis_of(ct: sitk.Image, spec) -> int:
 
 
 def organ_cover(labels: sitk.Image, axis: int, count: int = 4) -> list[int]:
-    array = sitk.GetArrayViewFromImage(labels)
-    labelled = annotated_input_slices(labels, axis)
-    organs = {s: set(np.unique(np.take(array, s, axis=2 - axis)).tolist()) - {0} for s in labelled}
-    pixels = {s: int(np.count_nonzero(np.take(array, s, axis=2 - axis))) for s in labelled}
-    return curated_slices(organs, pixels, count)
+    """The `count` labelled slices covering the most organs (the benchmark's curated budget)."""
+    pool = slice_pool(sitk.GetArrayViewFromImage(labels), annotated_input_slices(labels, axis), axis)
+    return curated_slices(pool.organs, pool.pixels, count)
 
 
 def only_slices(labels: sitk.Image, keep: list[int], axis: int) -> sitk.Image:
