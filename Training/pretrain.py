@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -180,8 +180,9 @@ def _initialise_from(model: UNetModel, init: str, unet_config: UNetConfig) -> No
     """Load a pretrained model's weights into `model`; the architecture must match up to the slice size."""
     folder = resolve_model(init, "pretrained")
     source, card = load_unet(folder)
-    same = replace(card.unet, image_size=unet_config.image_size, attention_resolutions=unet_config.attention_resolutions)
-    if same != unet_config or card.unet.attention_downsample != unet_config.attention_downsample:
+    size_free = ("image_size", "attention_resolutions")  # attention is compared by downsampling factor instead
+    theirs, ours = ({k: v for k, v in c.to_dict().items() if k not in size_free} for c in (card.unet, unet_config))
+    if theirs != ours or card.unet.attention_downsample != unet_config.attention_downsample:
         raise InputError(f"--init {init}: its U-Net ({card.preset}, {card.unet.image_size} px) differs from --preset's at this size "
                          "in more than the slice size; choose the same preset")
     model.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
