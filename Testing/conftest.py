@@ -85,3 +85,16 @@ def no_bundled_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     empty.mkdir()
     monkeypatch.setattr(models, "BUNDLED_DIR", empty)
     return empty
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random Inception weights: the generation metrics' mechanics without downloading the real ones."""
+    from safetensors.torch import save_file
+
+    from Training.inception import FIDInception
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("inception") / "random.safetensors"
+    save_file(FIDInception().state_dict(), str(path))
+    return path

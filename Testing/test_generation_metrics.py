@@ -103,33 +103,25 @@ def make_dataset(folder: Path, slices: np.ndarray) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("inception") / "random.safetensors"
-    save_file(FIDInception().state_dict(), str(path))
-    return path
-
-
-def test_command_writes_table_and_json(tmp_path, random_weights, capsys):
+def test_command_writes_table_and_json(tmp_path, random_inception, capsys):
     rng = np.random.default_rng(3)
     reference = make_dataset(tmp_path / "slices", rng.uniform(-1, 1, (8, 40, 40)))
     np.savez_compressed(tmp_path / "s.npz", samples=rng.uniform(-1, 1, (5, 32, 32)).astype(np.float32))
     out = tmp_path / "metrics.json"
     assert train(["evaluate-generation", "--samples", str(tmp_path / "s.npz"), "--reference", str(reference), "--inception-weights",
-                  str(random_weights), "--max-reference", "6", "--batch-size", "4", "--device", "cpu", "--json", str(out), "--no-progress"]) == 0
+                  str(random_inception), "--max-reference", "6", "--batch-size", "4", "--device", "cpu", "--json", str(out), "--no-progress"]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["num_samples"] == 5 and metrics["num_reference"] == 6 and metrics["neighbours"] == 3
     assert metrics["fid"] > 0 and metrics["sfid"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
-    assert metrics["inception_weights"] == str(random_weights)
+    assert metrics["inception_weights"] == str(random_inception)
     printed = capsys.readouterr().out
     assert "FID" in printed and "sFID" in printed and "F1" in printed and "biased" in printed and "resolution difference" in printed
 
 
-def test_command_errors_are_clear(tmp_path, random_weights, capsys, monkeypatch):
+def test_command_errors_are_clear(tmp_path, random_inception, capsys, monkeypatch):
     rng = np.random.default_rng(4)
     reference = make_dataset(tmp_path / "slices", rng.uniform(-1, 1, (6, 16, 16)))
-    run = ["evaluate-generation", "--reference", str(reference), "--inception-weights", str(random_weights), "--no-progress"]
+    run = ["evaluate-generation", "--reference", str(reference), "--inception-weights", str(random_inception), "--no-progress"]
     assert train([*run, "--samples", str(tmp_path / "missing.npz")]) == 2
     assert "no such file" in capsys.readouterr().err
     np.savez(tmp_path / "flat.npz", samples=np.zeros(10, np.float32))
@@ -231,8 +223,8 @@ def test_fid_record_keeps_entries_of_the_same_settings_and_names_the_lowest(tmp_
     assert json.loads((tmp_path / "fid.json").read_text())["settings"]["sampler"] == "ddim"
 
 
-def test_sampling_flags_belong_to_run_mode(tmp_path, random_weights, capsys):
+def test_sampling_flags_belong_to_run_mode(tmp_path, random_inception, capsys):
     np.savez(tmp_path / "s.npz", samples=np.zeros((4, 16, 16), np.float32))
     assert train(["evaluate-generation", "--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path), "--steps", "5",
-                  "--inception-weights", str(random_weights)]) == 2
+                  "--inception-weights", str(random_inception)]) == 2
     assert "apply to --run" in capsys.readouterr().err

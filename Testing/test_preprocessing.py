@@ -9,7 +9,6 @@ from conftest import same_geometry, shared_data
 from phantom import FLIPPED_DIRECTION, make_phantom, oblique_direction
 
 from DiffusionSegLib.imageio import read_ct
-from DiffusionSegLib.probability_resampling import probabilities_to_image_space
 from DiffusionSegLib.preprocessing import (
     Grid,
     PreprocessingSpec,
@@ -18,6 +17,7 @@ from DiffusionSegLib.preprocessing import (
     to_image_space,
     to_model_space,
 )
+from DiffusionSegLib.probability_resampling import probabilities_to_image_space
 
 # x and y swapped and z reversed: a file whose index axes are not in LPS order at all.
 PERMUTED_DIRECTION = (0, 1, 0, 1, 0, 0, 0, 0, -1)

@@ -17,14 +17,12 @@ import SimpleITK as sitk
 import torch
 from conftest import SHARED_DATA
 from phantom import make_phantom, write_dicom_series
-from safetensors.torch import save_file
 
 from DiffusionSegLib.cli import main as diffusionseg
 from DiffusionSegLib.models import load_unet
 from Training.checkpoint import Checkpoint, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from Training.cli import build_parser
 from Training.cli import main as train
-from Training.inception import FIDInception
 from Training.pretrain import PretrainConfig, ema_decay_at, lr_at
 from Training.shards import SliceDataset, read_index
 
@@ -232,15 +230,6 @@ def test_sample_defaults_to_the_full_ddpm_sampler(short_run, tmp_path, capsys):
         assert str(saved["sampler"]) == "ddim" and int(saved["steps"]) == 3
     assert train(["sample", "--run", str(short_run), "-n", "2", "-o", str(tmp_path / "bad"), "--steps", "3"]) == 2
     assert "--steps applies to --sampler ddim" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def random_inception(tmp_path_factory) -> Path:
-    """Random Inception weights: the metrics' mechanics without downloading the real ones."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("inception") / "random.safetensors"
-    save_file(FIDInception().state_dict(), str(path))
-    return path
 
 
 def test_best_fid_checkpoint_is_found_and_exported(short_run, slices_dir, random_inception, tmp_path, capsys):
