@@ -35,11 +35,10 @@ import SimpleITK as sitk
 
 from DiffusionSegLib.annotations import annotated_input_slices
 from DiffusionSegLib.imageio import read_ct, read_labels
-from DiffusionSegLib.metrics import organ_overlap
 from DiffusionSegLib.models import read_card, resolve_model
 from DiffusionSegLib.preprocessing import Grid, model_grid
 
-from .label_efficiency import curated_slices, slice_pool
+from .label_efficiency import curated_slices, evaluate, slice_pool
 
 CASES = ("four-slice", "adapt", "segmentor")
 
@@ -81,7 +80,7 @@ def score(prediction: Path, labels: sitk.Image, axis: int, exclude: list[int]) -
     pred = sitk.GetArrayFromImage(read_labels(str(prediction), labels))
     ref = sitk.GetArrayViewFromImage(labels)
     keep = [s for s in annotated_input_slices(labels, axis) if s not in set(exclude)]
-    return organ_overlap(np.take(pred, keep, axis=2 - axis), np.take(ref, keep, axis=2 - axis))
+    return evaluate(pred, ref, keep, axis)
 
 
 class Figures:
