@@ -1,9 +1,12 @@
 """DiffusionSeg: segment 13 abdominal organs in CT, annotate a few slices, fine-tune, write the result back.
 
 Only the Slicer classes live here (module, widget, logic, self-test). Everything that does not need Slicer
-(command lines, progress parsing, painted-slice bookkeeping, uncertainty ranking, models) is in
-DiffusionSegLib and tested with pytest; the heavy work runs in a `PythonSlicer -m DiffusionSegLib` child
-process so Slicer stays responsive and a crash or cancel cannot take it down.
+(command lines, progress parsing, painted-slice bookkeeping, uncertainty ranking, model cards) is in
+DiffusionSegLib.bridge, which imports with only the standard library and numpy, so the panel loads and
+lists models before anything is installed; it is tested with pytest. The heavy work runs in a
+`PythonSlicer -m DiffusionSegLib` child process so Slicer stays responsive and a crash or cancel cannot
+take it down. Engine modules that need torch, SimpleITK extras or slicerio are imported only inside the
+jobs, after the dependencies are installed.
 """
 
 import enum
@@ -14,7 +17,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -45,13 +47,14 @@ def _engine_parent() -> Path:
 if str(_engine_parent()) not in sys.path:
     sys.path.insert(0, str(_engine_parent()))
 
-# These engine modules need only numpy and the standard library, which Slicer always has.
-from DiffusionSegLib import commands, dependencies  # noqa: E402
-from DiffusionSegLib.progress_parser import LogLine, Message, ProgressUpdate  # noqa: E402
-from DiffusionSegLib.runner import BackgroundRun  # noqa: E402
+# The bridge needs only numpy and the standard library, which Slicer always has.
+from DiffusionSegLib.bridge import annotation, commands, dependencies, model_cards, sample, statistics  # noqa: E402
+from DiffusionSegLib.bridge.progress_parser import LogLine, Message, ProgressUpdate  # noqa: E402
+from DiffusionSegLib.bridge.runner import BackgroundRun  # noqa: E402
+from DiffusionSegLib.bridge.uncertainty import check_report, rank_slices  # noqa: E402
 
 ANNOTATED_SLICES_ATTRIBUTE = "DiffusionSeg.AnnotatedSlices"  # JSON list of slice indices the user annotated
-WRITTEN_LABELS_ATTRIBUTE = "DiffusionSeg.WrittenLabels"  # file of the labels last written back
+WRITTEN_LABELS_ATTRIBUTE = "DiffusionSeg.WrittenLabels"  # file of the labels last written back (bridge.annotation)
 UNCERTAINTY_ATTRIBUTE = "DiffusionSeg.Uncertainty"  # JSON uncertainty report of the last segmentation
 POLL_INTERVAL_MS = 200
 CANCEL_GRACE_S = 15  # a cancelled run that has not ended by then is killed
@@ -79,7 +82,22 @@ class DiffusionSeg(ScriptedLoadableModule):
             "A touched axial slice counts as fully annotated. "
             'See the <a href="https://github.com/DiffusionSeg/DiffusionSeg#the-3d-slicer-extension">documentation</a>.'
         )
-        self.parent.acknowledgementText = _("Uses the FLARE22 organ label set and SNOMED CT codes of Slicer's DICOM terminology.")
+        self.parent.acknowledgementText = _(
+            "Uses the FLARE22 organ label set and SNOMED CT codes of Slicer's DICOM terminology. "
+            "The sample CT comes from the TotalSegmentator project's test data (Apache License 2.0)."
+        )
+        # Sample Data is loaded after all modules are set up: register the sample then.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """Offer the bundled sample CT in the Sample Data module (category DiffusionSeg): Load sample, then Segment."""
+    import SampleData
+
+    iconPath = Path(__file__).resolve().parent / "Resources" / "Icons" / "DiffusionSeg.png"
+    source = sample.sample_data_source(thumbnail=iconPath if iconPath.is_file() else None)
+    if source is not None:
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
 
 
 #
@@ -91,7 +109,8 @@ class Device(enum.Enum):
     AUTO = "auto"
     CUDA = "cuda"
     CPU = "cpu"
-    MPS = "mps"
+    if sys.platform == "darwin":  # Apple GPUs exist only on macOS; elsewhere the choice would only fail
+        MPS = "mps"
 
     def label(self) -> str:
         return {"auto": "Auto", "cuda": "CUDA GPU", "cpu": "CPU", "mps": "Apple MPS"}[self.value]
@@ -156,6 +175,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._statusTimer.setSingleShot(True)
         self._statusTimer.setInterval(800)  # debounce: painting fires many modified events
         self._observedSegmentation = None
+        self._annotationEvents = ()  # the segmentation events observed for the annotated-slice count
 
     # --- set-up ---
 
@@ -188,6 +208,9 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.refreshModels()
         self.setState(State.IDLE)
+        # Accelerators are asked in a child process once the panel is up: torch is never imported here.
+        self.logic.probeDevices(self.updateDeviceWarning)
+        self.logic.pruneWrittenLabels()
 
     def cleanup(self) -> None:
         self.logic.cancel()
@@ -195,6 +218,8 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        # Painting happened while the panel was hidden (in Segment Editor): count again.
+        self.observeAnnotation(self._parameterNode.annotationSegmentation if self._parameterNode else None)
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -260,7 +285,8 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode:
             return
         device = self._parameterNode.device
-        onCpu = device == Device.CPU or (device == Device.AUTO and self.logic.cudaAvailable() is False and not self.logic.mpsAvailable())
+        devices = self.logic.devices  # None until the probe has answered (or while torch is not installed)
+        onCpu = device == Device.CPU or (device == Device.AUTO and devices is not None and not devices["cuda"] and not devices["mps"])
         self.ui.deviceWarningLabel.text = (
             _("Running on the CPU: segmenting takes minutes and fine-tuning can take an hour. A CUDA GPU is much faster.") if onCpu else ""
         )
@@ -300,11 +326,20 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setState(State.INSTALLING)
         slicer.app.processEvents()  # show the state before pip blocks
         installed = False
-        with slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages."), waitCursor=True):
-            self.logic.installDependencies()
-            installed = True
-        self.setState(State.IDLE)
+        try:
+            # tryWithErrorDisplay shows the error and then re-raises it: caught here so the panel returns to idle.
+            with slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages."), waitCursor=True):
+                self.logic.installDependencies()
+                installed = True
+        except Exception as e:
+            self.addLog(_("Installing the Python packages failed: {error}").format(error=e))
+        finally:
+            self.setState(State.IDLE)
+        self.ui.statusLabel.text = "" if installed else _("The Python packages were not installed; see the log. Nothing else was changed.")
         self.refreshModels()
+        if installed:
+            self.logic.probeDevices(self.updateDeviceWarning)
+            self.logic.offerRestart()
         return installed
 
     # --- models ---
@@ -313,13 +348,8 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        try:
-            models = self.logic.segmentationModels()
-        except ImportError:
-            models = None
-        if models is None:
-            combo.addItem(_("(models are listed once the Python packages are installed)"), "")
-        elif not models:
+        models = self.logic.segmentationModels()
+        if not models:
             combo.addItem(_("(no segmentation model yet: annotate and fine-tune)"), "")
         else:
             for info in models:
@@ -372,6 +402,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def startSegment(self, device: str) -> None:
         p = self._parameterNode
         self._retry = self.startSegment
+        self.ui.organVolumesLabel.text = ""  # the volumes shown belong to the previous result
         self.setState(State.SEGMENTING)
         with slicer.util.tryWithErrorDisplay(_("Failed to start segmenting."), waitCursor=True):
             try:
@@ -426,6 +457,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if ok:
             self.refreshModels()
             self.updateAnnotationStatus()
+            self.showOrganVolumes()
             if self.logic.lastModel:
                 index = self.ui.modelComboBox.findData(str(self.logic.lastModel))
                 if index >= 0:
@@ -436,16 +468,37 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ):
                 self._retry("cpu")
 
+    def showOrganVolumes(self) -> None:
+        """Per-organ volumes (and mean HU) of the latest result, computed by Slicer's Segment Statistics."""
+        p = self._parameterNode
+        node = p.outputSegmentation if p else None
+        if not node or not p.inputVolume or self.logic.lastJob != "segment":
+            return
+        try:
+            self.ui.organVolumesLabel.text = self.logic.organVolumesText(node, p.inputVolume)
+        except Exception as e:  # statistics are a bonus: never turn a finished segmentation into an error
+            logging.exception("DiffusionSeg organ statistics failed")
+            self.ui.organVolumesLabel.text = _("Organ volumes unavailable: {error}").format(error=e)
+
     # --- annotation status and suggestions ---
+
+    def annotationEvents(self) -> tuple:
+        """Segmentation events after which the annotated slices are counted again.
+
+        Painting in Segment Editor changes the source representation and fires SourceRepresentationModified
+        (not Modified or SegmentModified); those two cover added, removed and renamed segments.
+        """
+        return (vtk.vtkCommand.ModifiedEvent, slicer.vtkSegmentation.SegmentModified, slicer.vtkSegmentation.SourceRepresentationModified,
+                slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved)
 
     def observeAnnotation(self, node) -> None:
         if self._observedSegmentation is not None:
-            self.removeObserver(self._observedSegmentation, vtk.vtkCommand.ModifiedEvent, self.onAnnotationModified)
-            self.removeObserver(self._observedSegmentation, slicer.vtkSegmentation.SegmentModified, self.onAnnotationModified)
+            for event in self._annotationEvents:
+                self.removeObserver(self._observedSegmentation, event, self.onAnnotationModified)
         self._observedSegmentation = node.GetSegmentation() if node else None
-        if self._observedSegmentation is not None:
-            self.addObserver(self._observedSegmentation, vtk.vtkCommand.ModifiedEvent, self.onAnnotationModified)
-            self.addObserver(self._observedSegmentation, slicer.vtkSegmentation.SegmentModified, self.onAnnotationModified)
+        self._annotationEvents = self.annotationEvents() if self._observedSegmentation is not None else ()
+        for event in self._annotationEvents:
+            self.addObserver(self._observedSegmentation, event, self.onAnnotationModified)
         self.updateAnnotationStatus()
 
     def onAnnotationModified(self, caller=None, event=None) -> None:
@@ -515,7 +568,14 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         self._cancelRequestedAt: float | None = None
         self._jobDone: Callable[[bool, str, bool], None] | None = None
         self._lastStderr = ""  # stderr tail of the last finished run, for error messages
-        self._deviceCache: dict | None = None
+        self.devices: dict[str, bool] | None = None  # {"cuda": ..., "mps": ...} once the device probe has answered
+        self._probe: BackgroundRun | None = None
+        self._probeDone: Callable[[], None] | None = None
+        self._probeTimer = qt.QTimer()
+        self._probeTimer.setInterval(POLL_INTERVAL_MS)
+        self._probeTimer.connect("timeout()", self._pollProbe)
+        self.lastJob: str | None = None  # "segment" or "finetune": what the last successful job was
+        self._upgradedLoaded: list[dependencies.Missing] = []  # packages upgraded while imported: restart advised
 
     def getParameterNode(self):
         return DiffusionSegParameterNode(super().getParameterNode())
@@ -545,7 +605,8 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=f">={dependencies.TORCH_MINIMUM}")
             if torch is None:
                 raise DependencyError(_("PyTorch was not installed; install it in the PyTorch Utils module and try again."))
-        requirements = [m.requirement for m in dependencies.missing_requirements()]
+        missingPackages = dependencies.missing_requirements()
+        requirements = [m.requirement for m in missingPackages]
         if not requirements:
             return
         self.logCallback(_("Installing {packages}...").format(packages=", ".join(requirements)))
@@ -554,12 +615,16 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             constraintsPath = f.name
         try:
             try:
-                import slicer.packaging as packaging  # Slicer 5.12 and later: progress dialog with the pip log
+                import slicer.packaging as packaging  # Slicer 5.12 and later
             except ImportError:
                 packaging = None
-            if packaging is not None:
-                packaging.pip_install(requirements, constraints=constraintsPath, requester="DiffusionSeg")
-            else:  # Slicer 5.10
+            if packaging is not None and hasattr(packaging, "pip_ensure"):
+                # Progress dialog with the pip log, and its own restart prompt when an upgraded package was already
+                # imported. The user confirmed the full list (torch included) already; testing mode must install too.
+                packaging.pip_ensure(requirements, constraints=constraintsPath, prompt_install=False, requester="DiffusionSeg",
+                                     skip_in_testing=False)
+            else:  # Slicer 5.10: plain pip, and the restart prompt is ours (offerRestart)
+                self._upgradedLoaded = dependencies.loaded_upgrades(missingPackages, sys.modules)
                 slicer.util.pip_install([*requirements, "-c", constraintsPath])
         finally:
             os.unlink(constraintsPath)
@@ -567,45 +632,60 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         if missing:
             raise DependencyError(_("Still missing after installation: {packages}").format(packages=", ".join(m.describe() for m in missing)))
 
-    def _devices(self) -> dict | None:
-        """Which accelerators torch sees (asked once: the device warning is refreshed on every parameter change)."""
-        if self._deviceCache is None and dependencies.torch_missing() is None:
-            import torch
+    def offerRestart(self) -> None:
+        """Slicer 5.10: after upgrading packages that were already imported, advise a restart (5.12+: pip_ensure asks)."""
+        upgraded, self._upgradedLoaded = self._upgradedLoaded, []
+        if upgraded and slicer.util.confirmYesNoDisplay(
+            _("Upgraded Python packages were already loaded and may not work correctly until Slicer restarts. Restart now?"),
+            windowTitle=_("Restart recommended"), detailedText="\n".join(m.describe() for m in upgraded),
+        ):
+            slicer.util.restart()
 
-            mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-            self._deviceCache = {"cuda": torch.cuda.is_available(), "mps": mps}
-        return self._deviceCache
+    def probeDevices(self, onDone: Callable[[], None]) -> None:
+        """Ask a child Python which accelerators torch sees; `onDone()` once `self.devices` is known.
 
-    def cudaAvailable(self) -> bool | None:
-        """None when torch is not installed yet (then nothing is known about the GPU)."""
-        devices = self._devices()
-        return None if devices is None else devices["cuda"]
+        A child, not an import here: torch takes seconds to import in the GUI thread, and a broken torch
+        must not stop the panel from loading. Without torch nothing is asked (devices stay unknown).
+        """
+        if self._probe is not None or dependencies.torch_missing() is not None:
+            return
+        python = shutil.which("PythonSlicer") or sys.executable
+        self._probe = BackgroundRun([python, *commands.device_probe_args()], env=commands.child_environment(os.environ, _engine_parent()))
+        self._probeDone = onDone
+        self._probeTimer.start()
 
-    def mpsAvailable(self) -> bool:
-        devices = self._devices()
-        return bool(devices and devices["mps"])
+    def _pollProbe(self) -> None:
+        probe = self._probe
+        if probe is None:
+            self._probeTimer.stop()
+            return
+        result = probe.poll()
+        for event in result.events:
+            found = commands.parse_device_probe(event.text) if isinstance(event, LogLine) else None
+            if found is not None:
+                self.devices = found
+        if result.finished:
+            self._probeTimer.stop()
+            self._probe = None
+            if self.devices is None:
+                logging.warning("DiffusionSeg: torch could not report its devices: %s", probe.stderr_tail[-500:])
+            onDone, self._probeDone = self._probeDone, None
+            if onDone is not None:
+                onDone()
 
     # --- models ---
 
-    def segmentationModels(self) -> list | None:
-        """Bundled and user segmentation models; None while the engine's packages are missing."""
-        if dependencies.torch_missing() is not None or dependencies.missing_requirements():
-            return None
-        from DiffusionSegLib.models import list_models
-
-        return list_models("segmentor")
+    def segmentationModels(self) -> list[model_cards.ModelEntry]:
+        """Bundled and user segmentation models, read from their model.json cards (no torch needed)."""
+        return model_cards.list_models("segmentor")
 
     def modelsFolder(self) -> Path:
-        from DiffusionSegLib.models import user_models_dir
-
-        folder = user_models_dir()
+        folder = model_cards.user_models_dir()
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
     def isUserModel(self, path: str) -> bool:
-        if not path or dependencies.missing_requirements() or dependencies.torch_missing():
-            return False
-        return Path(path).resolve().parent == self.modelsFolder().resolve()
+        return model_cards.is_user_model(path)
 
     def describeModel(self, path: str) -> str:
         card = Path(path) / "model.json"
@@ -661,16 +741,35 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene.RemoveNode(storageNode)
         return path
 
-    @staticmethod
-    def importSegmentation(path: Path, segmentationNode, volumeNode) -> None:
-        """Replace the segments of `segmentationNode` by those of a .seg.nrrd and tie it to the CT."""
+    def importSegmentation(self, path: Path, segmentationNode, volumeNode) -> None:
+        """Replace the organ segments of `segmentationNode` by those of a .seg.nrrd and tie it to the CT.
+
+        The file is read into a temporary node: ReadData makes its storage node the node's own, so reading
+        into `segmentationNode` directly would unlink it from the file it was loaded from or saved to.
+        Segments that match no organ (a tumour, a landmark) are the user's and stay as they are.
+        """
+        loaded = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName("DiffusionSeg temporary"))
+        loaded.HideFromEditorsOn()
         storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
         try:
             storageNode.SetFileName(str(path))
-            if not storageNode.ReadData(segmentationNode):
+            if not storageNode.ReadData(loaded):
                 raise RuntimeError(_("Cannot read the segmentation {path}").format(path=path))
+            target, source = segmentationNode.GetSegmentation(), loaded.GetSegmentation()
+            wasModifying = segmentationNode.StartModify()
+            try:
+                ids = list(target.GetSegmentIDs())
+                organIds = annotation.segment_organ_ids([self._segmentNameAndTerminology(target, i) for i in ids])
+                for segmentId, organ in zip(ids, organIds, strict=True):
+                    if organ is not None:
+                        target.RemoveSegment(segmentId)
+                for segmentId in list(source.GetSegmentIDs()):
+                    target.CopySegmentFromSegmentation(source, segmentId)
+            finally:
+                segmentationNode.EndModify(wasModifying)
         finally:
             slicer.mrmlScene.RemoveNode(storageNode)
+            slicer.mrmlScene.RemoveNode(loaded)
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID())
         segmentationNode.CreateDefaultDisplayNodes()
@@ -733,16 +832,12 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def axialAxis(volumeNode) -> int:
-        from DiffusionSegLib.writeback import axial_axis, lps_direction_from_ras
-
         directions = [[0.0] * 3 for _ in range(3)]
         volumeNode.GetIJKToRASDirections(directions)
-        return axial_axis(lps_direction_from_ras(directions))
+        return annotation.axial_axis(annotation.lps_direction_from_ras(directions))
 
     def _labelsOnVolume(self, segmentationNode, volumeNode) -> tuple[np.ndarray, list[str]]:
         """The segmentation as FLARE22 labels on the CT grid (k, j, i) and the names of non-empty unmatched segments."""
-        from DiffusionSegLib.writeback import organ_labels, segment_organ_ids
-
         segmentation = segmentationNode.GetSegmentation()
         ids = list(segmentation.GetSegmentIDs())
         labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
@@ -755,8 +850,14 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             values = slicer.util.arrayFromVolume(labelmapNode)
             if values.shape != slicer.util.arrayFromVolume(volumeNode).shape:
                 raise RuntimeError(_("The exported labelmap does not match the CT grid; is the segmentation transformed?"))
-            labels, unmatched = organ_labels(values, segment_organ_ids([self._segmentNameAndTerminology(segmentation, i) for i in ids]))
+            names = [self._segmentNameAndTerminology(segmentation, i) for i in ids]
+            labels, unmatched = annotation.organ_labels(values, annotation.segment_organ_ids(names))
         finally:
+            # The export adds a "<name>_ColorTable" node for the labelmap; it goes with it (as arrayFromSegmentBinaryLabelmap does).
+            displayNode = labelmapNode.GetDisplayNode()
+            colorNode = displayNode.GetColorNode() if displayNode else None
+            if colorNode is not None:
+                slicer.mrmlScene.RemoveNode(colorNode)
             slicer.mrmlScene.RemoveNode(labelmapNode)
         return labels, [segmentation.GetSegment(ids[n]).GetName() for n in unmatched]
 
@@ -771,19 +872,44 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         return Path(text) if text and Path(text).is_file() else None
 
     def annotationStatus(self, segmentationNode, volumeNode) -> dict:
-        """Annotated axial slices, organs painted on them and unmatched segment names."""
-        import SimpleITK as sitk
-
-        from DiffusionSegLib.writeback import annotated_slices, annotation_summary
-
+        """Annotated axial slices, organs painted on them and unmatched segment names (numpy only: runs before any install)."""
         labels, unmatched = self._labelsOnVolume(segmentationNode, volumeNode)
         axis = self.axialAxis(volumeNode)
-        writtenPath = self._writtenPath(segmentationNode)
-        written = sitk.GetArrayFromImage(sitk.ReadImage(str(writtenPath))) if writtenPath else None
-        if written is not None and written.shape != labels.shape:
-            written = None  # written for another CT grid: fall back to what was recorded
-        slices = annotated_slices(labels, axis, written, self._recorded(segmentationNode))
-        return {**annotation_summary(labels, slices, axis), "unmatched": unmatched}
+        # written for another CT grid (None): fall back to what was recorded
+        written = annotation.load_written_labels(self._writtenPath(segmentationNode), labels.shape)
+        slices = annotation.annotated_slices(labels, axis, written, self._recorded(segmentationNode))
+        return {**annotation.annotation_summary(labels, slices, axis), "unmatched": unmatched}
+
+    @staticmethod
+    def writtenLabelsFolder() -> Path:
+        return model_cards.user_models_dir().parent / "written-labels"
+
+    def pruneWrittenLabels(self) -> None:
+        """Delete long-unused written-labels files; those of segmentations in the open scene stay."""
+        inUse = [self._writtenPath(node) for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")]
+        try:
+            for path in annotation.prune_written_labels(self.writtenLabelsFolder(), keep=[p for p in inUse if p is not None]):
+                logging.info(f"DiffusionSeg: deleted unused {path}")
+        except OSError as e:  # housekeeping must never stop the panel from loading
+            logging.warning(f"DiffusionSeg: could not clean up {self.writtenLabelsFolder()}: {e}")
+
+    def organVolumesText(self, segmentationNode, volumeNode) -> str:
+        """Per-organ volume, mean and standard deviation in HU, from Slicer's Segment Statistics."""
+        import SegmentStatistics
+
+        statisticsLogic = SegmentStatistics.SegmentStatisticsLogic()
+        parameters = statisticsLogic.getParameterNode()
+        parameters.SetParameter("Segmentation", segmentationNode.GetID())
+        parameters.SetParameter("ScalarVolume", volumeNode.GetID())
+        parameters.SetParameter("visibleSegmentsOnly", str(False))
+        for plugin in statisticsLogic.plugins:
+            pluginName = plugin.__class__.__name__
+            parameters.SetParameter(f"{pluginName}.enabled", str(pluginName in statistics.PLUGINS))
+        statisticsLogic.computeStatistics()
+        segmentation = segmentationNode.GetSegmentation()
+        names = {i: self._segmentNameAndTerminology(segmentation, i) for i in segmentation.GetSegmentIDs()}
+        rows, absent = statistics.organ_volumes(statisticsLogic.getStatistics(), names)
+        return statistics.describe_volumes(rows, absent)
 
     # --- background runs ---
 
@@ -875,6 +1001,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
                     self.importSegmentation(result, segmentationNode, volumeNode)
                     self.placeBeside(segmentationNode, volumeNode)
                     segmentationNode.SetAttribute(UNCERTAINTY_ATTRIBUTE, report.read_text(encoding="utf-8"))
+                    self.lastJob = "segment"
                     self._finish(True, _("Segmented in {seconds:.0f} s.").format(seconds=time.monotonic() - started))
                 except Exception as e:
                     self._finish(False, _("Segmenting finished but the result could not be loaded: {error}").format(error=e))
@@ -886,21 +1013,20 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
     def finetune(self, volumeNode, annotationNode, settings: commands.FinetuneSettings, name: str | None, device: str,
                  onDone: Callable[[bool, str, bool], None]) -> None:
         """Fine-tune on the annotated slices, segment with the new model and write back, keeping painted slices."""
-        from DiffusionSegLib.models import list_models, user_models_dir
-        from DiffusionSegLib.writeback import prepare_annotation
+        from DiffusionSegLib.writeback import prepare_annotation  # the file side: needs the installed packages
 
         if volumeNode is None or annotationNode is None:
             raise ValueError(_("Select a CT volume and the annotation segmentation first."))
         folder = self.workFolder("finetune")
         ct = self.exportVolume(volumeNode, folder / "ct.nrrd")
-        annotation = self.exportSegmentation(annotationNode, folder / "annotation.seg.nrrd")
+        annotationFile = self.exportSegmentation(annotationNode, folder / "annotation.seg.nrrd")
         painted = folder / "painted.seg.nrrd"
         writtenPath = self._writtenPath(annotationNode)
-        summary = prepare_annotation(ct, annotation, painted, self._recorded(annotationNode), writtenPath)
+        summary = prepare_annotation(ct, annotationFile, painted, self._recorded(annotationNode), writtenPath)
         self.logCallback(_("Fine-tuning on {count} annotated slices; organs: {organs}").format(
             count=len(summary["slices"]), organs=", ".join(summary["organs"])))
-        folderName = commands.model_folder_name(name or volumeNode.GetName(), [i.name for i in list_models()])
-        output = user_models_dir() / folderName
+        folderName = commands.model_folder_name(name or volumeNode.GetName(), [i.name for i in model_cards.list_models()])
+        output = model_cards.user_models_dir() / folderName
         self._jobDone = onDone
         started = time.monotonic()
 
@@ -921,6 +1047,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
                     self._failed(code, _("Segmenting with the fine-tuned model"))
                     return
                 self.writeBack(volumeNode, annotationNode, ct, prediction, painted, summary["slices"], report)
+                self.lastJob = "finetune"
                 self._finish(True, _("Fine-tuned and segmented in {seconds:.0f} s; your {count} painted slices were kept.").format(
                     seconds=time.monotonic() - started, count=len(summary["slices"])))
             except Exception as e:
@@ -932,28 +1059,29 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
 
     def writeBack(self, volumeNode, annotationNode, ct: Path, prediction: Path, painted: Path, slices: list[int], report: Path) -> None:
         """Load prediction + painted slices into the annotation node and remember what was written."""
-        from DiffusionSegLib.models import user_models_dir
-        from DiffusionSegLib.writeback import write_back
+        from DiffusionSegLib.writeback import write_back  # the file side: needs the installed packages
 
-        writtenFolder = user_models_dir().parent / "written-labels"
-        writtenFolder.mkdir(parents=True, exist_ok=True)
-        written = self._writtenPath(annotationNode) or writtenFolder / f"{uuid.uuid4().hex}.nrrd"
+        # One file per segmentation, overwritten at each write-back (old .nrrd ones from earlier versions are replaced).
+        written = self._writtenPath(annotationNode)
+        if written is None or written.suffix != annotation.WRITTEN_SUFFIX:
+            written = annotation.new_written_path(self.writtenLabelsFolder())
         merged = prediction.with_name("merged.seg.nrrd")
         write_back(ct, prediction, painted, merged, slices, written)
         self.importSegmentation(merged, annotationNode, volumeNode)
         annotationNode.SetAttribute(ANNOTATED_SLICES_ATTRIBUTE, json.dumps(sorted(slices)))
+        previous = self._writtenPath(annotationNode)
         annotationNode.SetAttribute(WRITTEN_LABELS_ATTRIBUTE, str(written))
+        if previous is not None and previous != written:
+            previous.unlink(missing_ok=True)
         annotationNode.SetAttribute(UNCERTAINTY_ATTRIBUTE, report.read_text(encoding="utf-8"))
 
     # --- suggestions ---
 
     def suggestSlice(self, reportNode, annotationNode, volumeNode) -> tuple[int, float, int] | None:
         """(slice index, its uncertainty, number of candidates) of the most uncertain unannotated slice."""
-        from DiffusionSegLib.uncertainty import rank_slices
-
         if reportNode is None:
             raise ValueError(_("Segment first: the suggestion comes from the model's uncertainty."))
-        report = json.loads(reportNode.GetAttribute(UNCERTAINTY_ATTRIBUTE))
+        report = check_report(json.loads(reportNode.GetAttribute(UNCERTAINTY_ATTRIBUTE)))
         if report["num_slices"] != volumeNode.GetImageData().GetDimensions()[report["slice_axis"]]:
             raise ValueError(_("The uncertainty report belongs to another CT; segment this CT again."))
         annotated = self.annotationStatus(annotationNode, volumeNode)["slices"] if annotationNode else []

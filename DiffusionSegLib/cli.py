@@ -1,4 +1,4 @@
-"""The ``diffusionseg`` command: segment, finetune, evaluate, models.
+"""The ``diffusionseg`` command: segment, demo, finetune, evaluate, models.
 
 Errors in the user's input print one line naming the file and the problem and exit with status 2;
 Ctrl-C or SIGTERM exits with status 130. Outputs are written atomically at the very end, so neither
@@ -22,17 +22,33 @@ import torch
 from . import __version__
 from .adaptation import adapt_backbone
 from .annotations import training_slices
+from .atomic import atomic_path
+from .demo import DEFAULT_OUTPUT_DIR, SAMPLE_CT, demo_outputs
 from .devices import DEVICES, configure_cpu, describe_hardware, resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import Cancelled, InputError
 from .finetune import FinetuneConfig, finetune
-from .imageio import atomic_write_path, check_output_path, read_ct, read_labels, write_labelmap
+from .imageio import check_output_path, read_ct, read_labels, write_labelmap
 from .inference import segment_ct
 from .metrics import organ_overlap
-from .models import ModelCard, list_models, load_segmentor, load_unet, now_iso, read_card, resolve_model, save_model, user_models_dir
+from .models import (
+    ModelCard,
+    finetune_destination,
+    list_models,
+    load_segmentor,
+    load_unet,
+    now_iso,
+    portable_path,
+    read_card,
+    resolve_model,
+    save_model,
+    user_models_dir,
+)
 from .preprocessing import PreprocessingSpec, to_model_space
+from .preview import write_preview
 from .progress import MODES, Progress
 from .segmentor import DEFAULT_HEAD_WIDTH, STRATEGIES, Segmentor
+from .statistics import organ_statistics, statistics_table, write_statistics
 from .uncertainty import segment_with_uncertainty, write_report
 from .unet import PRESETS, preset_config
 
@@ -75,52 +91,69 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto = CUDA, MPS, then CPU)")
-        p.add_argument("--progress", choices=MODES, default="tqdm", help="progress output: a tqdm bar, JSON lines on stdout (for 3D Slicer), or none")
+        p.add_argument("--progress", choices=MODES, default="tqdm",
+                       help="progress output: a tqdm bar, JSON lines on stdout (for 3D Slicer), or none (default: tqdm)")
+
+    def segment_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="model name or folder (default: the bundled segmentation model)")
+        p.add_argument("--batch-size", type=_positive_int, help="slices per network batch (default: 8 on a GPU, 2 on the CPU)")
+        p.add_argument("--cleanup", action=argparse.BooleanOptionalAction,
+                       help="per organ, drop stray islands and fill holes in the model's slice planes "
+                            "(default: as the model's model.json 'postprocessing' says; off when it says nothing)")
+        common(p)
 
     seg = sub.add_parser("segment", help="segment a CT with a segmentation model")
     seg.add_argument("image", help="CT: NIfTI, NRRD, MHA file or a DICOM series folder")
-    seg.add_argument("-o", "--output", required=True, help="output: .seg.nrrd (Slicer segmentation) or .nii.gz/.nrrd/.mha labelmap")
-    seg.add_argument("--model", help="model name or folder (default: the bundled segmentation model)")
-    seg.add_argument("--batch-size", type=_positive_int, help="slices per network batch (default 8 on a GPU, 2 on the CPU)")
-    seg.add_argument("--uncertainty", help="also write per-axial-slice model uncertainty (input slice indices) to this JSON file")
-    seg.add_argument("--cleanup", action=argparse.BooleanOptionalAction,
-                     help="per organ, drop stray islands and fill holes in the model's slice planes "
-                          "(default: as the model's model.json 'postprocessing' says; off when it says nothing)")
-    common(seg)
+    seg.add_argument("-o", "--output", required=True, help="output: .seg.nrrd (Slicer segmentation) or .nii.gz/.nrrd/.mha labelmap (required)")
+    seg.add_argument("--statistics", metavar="FILE.json",
+                     help="also write per-organ volume (mL), mean and std HU, voxel count and slice range to this JSON file (default: not written)")
+    seg.add_argument("--preview", metavar="FILE.png",
+                     help="also write a PNG of axial slices and a coronal view with the organs overlaid, with a legend (default: not written)")
+    seg.add_argument("--uncertainty", metavar="FILE.json",
+                     help="also write per-axial-slice model uncertainty (input slice indices) to this JSON file (default: not written)")
+    segment_options(seg)
+
+    demo = sub.add_parser("demo", help="segment the bundled sample CT: writes a .seg.nrrd, a PNG preview and organ statistics")
+    demo.add_argument("-o", "--output", default=DEFAULT_OUTPUT_DIR, metavar="FOLDER", help="folder for the three files (default: %(default)s)")
+    segment_options(demo)
 
     ft = sub.add_parser("finetune", help="fine-tune a model on annotated axial slices and save it")
-    ft.add_argument("--image", action="append", required=True, help="CT (repeat with --labels for several CTs)")
-    ft.add_argument("--labels", action="append", required=True, help="labelmap on the image grid (FLARE22 ids) or .seg.nrrd")
-    ft.add_argument("-o", "--output", required=True, help="model folder to write")
+    ft.add_argument("--image", action="append", required=True, help="CT (repeat with --labels for several CTs) (required)")
+    ft.add_argument("--labels", action="append", required=True, help="labelmap on the image grid (FLARE22 ids) or .seg.nrrd (required)")
+    ft.add_argument("-o", "--output", required=True, metavar="NAME_OR_FOLDER",
+                    help="a bare name (no path separator) saves the model in your models folder, listed by 'diffusionseg models' and usable as "
+                         "'--model NAME' from anywhere; a path (or an existing folder) is written where given (required)")
     ft.add_argument("--base", help="pretrained (or segmentation) model name or folder (default: the bundled pretrained model)")
-    ft.add_argument("--strategy", choices=STRATEGIES, default="ft-dec", help="ft-dec: encoder frozen (default); lp: head only; fs: from scratch")
+    ft.add_argument("--strategy", choices=STRATEGIES, default="ft-dec", help="ft-dec: encoder frozen; lp: head only; fs: from scratch (default: %(default)s)")
     ft.add_argument("--preset", choices=sorted(PRESETS), help="architecture for --strategy fs without --base, at its native slice size "
                     "(default: the bundled pretrained model's architecture and preprocessing, so FS and FT-dec see the same pixels)")
-    ft.add_argument("--head", type=_head_width, help="head hidden width, e.g. h128 or h256 (default by preset)")
-    ft.add_argument("--config", help="JSON file of fine-tuning settings (loss weights, optimiser, augmentation); flags override it")
-    ft.add_argument("--iterations", type=_positive_int, help=f"training iterations (default {FinetuneConfig.iterations})")
-    ft.add_argument("--batch-size", type=_positive_int, help=f"slices per iteration (default {FinetuneConfig.batch_size})")
-    ft.add_argument("--lr", type=float, help=f"backbone learning rate; the head uses 10x (default {FinetuneConfig.lr:g})")
-    ft.add_argument("--time-limit", type=float, help="stop after this many seconds of training")
+    ft.add_argument("--head", type=_head_width, help="head hidden width, e.g. h128 or h256 (default: by preset)")
+    ft.add_argument("--config", help="JSON file of fine-tuning settings (loss weights, optimiser, augmentation); flags override it (default: none)")
+    ft.add_argument("--iterations", type=_positive_int, help=f"training iterations (default: {FinetuneConfig.iterations})")
+    ft.add_argument("--batch-size", type=_positive_int,
+                    help=f"slices per iteration; unless given, a smaller one is taken on the CPU when it would not fit in memory "
+                         f"(default: {FinetuneConfig.batch_size})")
+    ft.add_argument("--lr", type=float, help=f"backbone learning rate; the head uses 10x (default: {FinetuneConfig.lr:g})")
+    ft.add_argument("--time-limit", type=float, help="stop after this many seconds of training (default: no limit)")
     ft.add_argument("--patience", type=int,
-                    help=f"stop once the loss has not improved for this many iterations; 0 never stops early (default {FinetuneConfig.patience})")
-    ft.add_argument("--timestep", type=int, help="diffusion timestep fed to the network (default 0)")
+                    help=f"stop once the loss has not improved for this many iterations; 0 never stops early (default: {FinetuneConfig.patience})")
+    ft.add_argument("--timestep", type=int, help="diffusion timestep fed to the network (default: 0)")
     ft.add_argument("--adapt", type=_seconds, default=0.0, metavar="SECONDS",
                     help="first continue the pretrained base's DDPM training on all slices of the --image CTs (no labels needed) "
-                         "for this many seconds; ft-dec and lp from a pretrained base only (default 0: off)")
-    ft.add_argument("--seed", type=int, help="random seed (default 0)")
-    ft.add_argument("--no-augment", action="store_true", help="train without affine and intensity augmentation")
+                         "for this many seconds; ft-dec and lp from a pretrained base only (default: 0, off)")
+    ft.add_argument("--seed", type=int, help="random seed (default: 0)")
+    ft.add_argument("--no-augment", action="store_true", help="train without affine and intensity augmentation (default: off, augmentation on)")
     ft.add_argument("--name", help="model name recorded in model.json (default: the folder name)")
-    ft.add_argument("--half", action="store_true", help="store the weights in float16 (half the size; they are used in float32)")
+    ft.add_argument("--half", action="store_true", help="store the weights in float16 (half the size; they are used in float32) (default: off)")
     common(ft)
 
     ev = sub.add_parser("evaluate", help="per-organ DSC and Jaccard of a prediction against a reference")
-    ev.add_argument("--pred", required=True, help="predicted labelmap or .seg.nrrd")
-    ev.add_argument("--ref", required=True, help="reference labelmap or .seg.nrrd on the same grid")
-    ev.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+    ev.add_argument("--pred", required=True, help="predicted labelmap or .seg.nrrd (required)")
+    ev.add_argument("--ref", required=True, help="reference labelmap or .seg.nrrd on the same grid (required)")
+    ev.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file (default: not written)")
 
     ls = sub.add_parser("models", help="list bundled and user models")
-    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table (default: off)")
     return parser
 
 
@@ -128,11 +161,17 @@ def _raise_cancelled(signum: int, frame: object) -> None:
     raise Cancelled(f"stopped by signal {signum}")
 
 
+def _check_suffix(path: str | None, suffix: str, flag: str, what: str) -> None:
+    if path is not None and not path.lower().endswith(suffix):
+        raise InputError(f"{flag} {path}: name the {what} {suffix}")
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     # Everything the user gave is checked before the first progress line.
     output = check_output_path(args.output)
-    if args.uncertainty and not args.uncertainty.lower().endswith(".json"):
-        raise InputError(f"--uncertainty {args.uncertainty}: name the uncertainty report .json")
+    _check_suffix(args.uncertainty, ".json", "--uncertainty", "uncertainty report")
+    _check_suffix(args.statistics, ".json", "--statistics", "statistics file")
+    _check_suffix(args.preview, ".png", "--preview", "preview image")
     device = resolve_device(args.device)
     segmentor, card = load_segmentor(resolve_model(args.model, "segmentor"))
     ct = read_ct(args.image)
@@ -143,13 +182,43 @@ def cmd_segment(args: argparse.Namespace) -> int:
     else:
         labelmap = segment_ct(ct, segmentor, card.preprocessing, device, args.batch_size, progress, cleanup=cleanup)
     progress.start("write", 1)
-    write_labelmap(labelmap, output)
+    written = [write_labelmap(labelmap, output)]
     if args.uncertainty:
         write_report(report, args.uncertainty)
+        written.append(Path(args.uncertainty))
+    table: list[str] = []
+    if args.statistics:
+        statistics = {"image": str(args.image), **organ_statistics(ct, labelmap)}
+        written.append(write_statistics(statistics, args.statistics))
+        table = statistics_table(statistics)
+    if args.preview:
+        written.append(write_preview(ct, labelmap, args.preview, title=Path(args.image).name))
     progress.advance()
     progress.finish()
-    progress.message(f"wrote {output}")
+    for line in table:
+        progress.message(line)
+    progress.message(f"wrote {', '.join(map(str, written))}")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`segment` on the bundled sample CT, writing all three outputs into one folder."""
+    if not SAMPLE_CT.is_file():
+        raise InputError(f"{SAMPLE_CT}: the bundled sample CT is missing; reinstall DiffusionSeg")
+    outputs = demo_outputs(args.output)
+    if outputs["segmentation"].parent.exists() and not outputs["segmentation"].parent.is_dir():
+        raise InputError(f"{args.output}: exists and is not a folder; choose another output folder with -o")
+    args.image, args.output, args.uncertainty = str(SAMPLE_CT), str(outputs["segmentation"]), None
+    args.statistics, args.preview = str(outputs["statistics"]), str(outputs["preview"])
+    status = cmd_segment(args)
+    where = (f"segmented the sample CT {SAMPLE_CT.name}: see the organs in {outputs['preview']}, their volumes in {outputs['statistics']}, "
+             f"and load {outputs['segmentation']} with the CT ({SAMPLE_CT}) in 3D Slicer. "
+             "Your own CT: diffusionseg segment CT.nii.gz -o CT.seg.nrrd --preview CT.png --statistics CT.json")
+    if args.progress == "json":
+        Progress("json").message(where)
+    else:  # printed even with --progress none: where the files are is the point of the demo
+        print(where)
+    return status
 
 
 def _base_segmentor(args: argparse.Namespace) -> tuple[Segmentor, ModelCard | None, Path | None]:
@@ -243,7 +312,7 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 def cmd_finetune(args: argparse.Namespace) -> int:
     if len(args.image) != len(args.labels):
         raise InputError(f"got {len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
-    output = Path(args.output).expanduser()
+    output = finetune_destination(args.output)
     if output.exists() and not (output / "model.json").exists() and (not output.is_dir() or any(output.iterdir())):
         raise InputError(f"{output}: exists and is not a DiffusionSeg model folder; choose another output path")
     config = _finetune_config(args)
@@ -257,19 +326,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         ct = read_ct(image_path)
         labels = read_labels(labels_path, ct)
         pairs.append((ct, labels))
-        data.append({"image": str(Path(image_path).resolve()), "labels": str(Path(labels_path).resolve())})
+        data.append({"image": portable_path(image_path), "labels": portable_path(labels_path)})
     slices = training_slices(pairs, spec)
     for number, entry in enumerate(data):
         entry["annotated_slices"] = [index for n, index in slices.sources if n == number]
         if not entry["annotated_slices"]:
-            raise InputError(f"{entry['labels']}: no annotated slice (no labelled voxel); paint at least one organ on one axial slice")
+            raise InputError(f"{args.labels[number]}: no annotated slice (no labelled voxel); paint at least one organ on one axial slice")
 
     progress = Progress(args.progress)
     adaptation = _adapt(args, segmentor, base_card, base_path, [ct for ct, _ in pairs], config.seed, device, progress)
     organs = ", ".join(slices.summary()["organs"])
     progress.message(f"fine-tuning ({args.strategy}) on {len(slices.sources)} annotated slices, organs: {organs}; device {device}")
     progress.start("finetune", config.iterations)
-    result = finetune(segmentor, slices.images, slices.labels, config, device, lambda _, loss: progress.advance(loss=loss))
+    result = finetune(segmentor, slices.images, slices.labels, config, device, lambda _, loss: progress.advance(loss=loss),
+                      fit_batch_size=args.batch_size is None and not args.config, on_message=progress.message)
     progress.finish()
 
     card = ModelCard(
@@ -287,7 +357,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         provenance={
             "created": now_iso(),
             "diffusionseg_version": __version__,
-            "base": None if base_path is None else {"path": str(base_path.resolve()), "name": base_card.name, "kind": base_card.kind},
+            "base": None if base_path is None else {"path": portable_path(base_path), "name": base_card.name, "kind": base_card.kind},
             "adaptation": adaptation,
             "data": data,
             "training_slices": slices.summary(),
@@ -301,8 +371,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "metrics": {},
         },
     )
-    save_model(output, card, segmentor.state_dict(), half=args.half)
-    progress.message(f"wrote {output} ({result.iterations} iterations, final loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
+    folder = save_model(output, card, segmentor.state_dict(), half=args.half)
+    use = f"--model {folder.name}" if folder.parent == user_models_dir().resolve() else f"--model {folder}"
+    progress.message(f"wrote {folder} ({result.iterations} iterations, final loss {result.final_loss:.4f}, {result.seconds:.0f} s); "
+                     f"segment with it: diffusionseg segment CT.nii.gz -o CT.seg.nrrd {use}")
     return 0
 
 
@@ -316,7 +388,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if metrics["mean_dsc"] is not None:
         print(f"{'mean':22s} DSC {metrics['mean_dsc']:.4f}  Jaccard {metrics['mean_jaccard']:.4f}")
     if args.json_out:
-        with atomic_write_path(args.json_out) as tmp:
+        with atomic_path(args.json_out) as tmp:
             Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return 0
 
@@ -332,7 +404,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "models": cmd_models}
+COMMANDS = {"segment": cmd_segment, "demo": cmd_demo, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

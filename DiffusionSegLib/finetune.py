@@ -13,13 +13,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .devices import autocast
+from .errors import InputError
+from .memory import available_memory, fit_batch, measure_step, out_of_memory_message
 from .segmentor import Segmentor
 
 
@@ -223,10 +225,16 @@ def finetune(
     config: FinetuneConfig,
     device: torch.device,
     on_step: Callable[[int, float], None] | None = None,
+    *,
+    fit_batch_size: bool = False,
+    on_message: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Train `segmentor` in place on annotated slices (images K x 1 x S x S in [-1, 1], labels K x S x S).
 
     `on_step(iteration, loss)` is called after every iteration (progress, cancellation by raising).
+    Before the first iteration the memory a step needs is measured (DiffusionSegLib.memory): if it does
+    not fit, a smaller batch is taken on the CPU when `fit_batch_size` (no batch size was asked for),
+    said through `on_message`; otherwise InputError names a batch size that fits.
     """
     if images.shape[0] == 0:
         raise ValueError("no annotated slices to train on")
@@ -246,11 +254,14 @@ def finetune(
     groups = segmentor.parameter_groups(config.lr, config.weight_decay, config.head_lr_factor, config.head_weight_decay)
     optimizer = torch.optim.Adam(groups)
     images, labels = images.float(), labels.long()
-    batch = min(config.batch_size, images.shape[0])
+    free = available_memory(device)
+    batch = _fit_batch(segmentor, images, labels, config, device, free, fit_batch_size, on_message)
     start = time.monotonic()
     cache = None
     if encoder_frozen:
-        pool = cache_pool_size(config, images.shape[0], frozen_bytes_per_slice(segmentor, images.shape[-1]))
+        # The cache may take at most a quarter of the free memory, whatever the settings allow: the steps need the rest.
+        cache_config = replace(config, cache_memory_mb=min(config.cache_memory_mb, free * CACHE_SHARE / 2**20))
+        pool = cache_pool_size(cache_config, images.shape[0], frozen_bytes_per_slice(segmentor, images.shape[-1]))
         if pool:
             cache = FrozenCache(segmentor, *augmented_pool(images, labels, pool, config.augment, generator), device)
     losses: list[float] = []
@@ -268,12 +279,15 @@ def finetune(
                 x, y = x.to(device), y.to(device)
                 logits = _logits(segmentor, x, encoder_frozen, decoder_frozen)
         loss = segmentation_loss(logits.float(), y, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
         value = float(loss.detach())
-        if not np.isfinite(value):
-            raise FloatingPointError(f"fine-tuning diverged at iteration {iteration} (loss {value}); lower --lr")
+        if not np.isfinite(value):  # checked before the update: the weights are not spoilt
+            raise Diverged(f"finetune: the loss became {value} at iteration {iteration} (fine-tuning diverged); nothing was written; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            loss.backward()
+        except torch.cuda.OutOfMemoryError as e:
+            raise InputError(out_of_memory_message("finetune", iteration, len(y), "nothing was written")) from e
+        optimizer.step()
         losses.append(value)
         if on_step is not None:
             on_step(iteration, value)
@@ -291,6 +305,27 @@ def finetune(
         stopped_by=stopped_by,
         losses=losses,
     )
+
+
+class Diverged(InputError, FloatingPointError):
+    """The loss became NaN or infinite; the command line reports it in one line (exit 2)."""
+
+
+CACHE_SHARE = 0.25  # of the free memory, at most, for the frozen-part cache
+
+
+def _fit_batch(segmentor: Segmentor, images: torch.Tensor, labels: torch.Tensor, config: FinetuneConfig, device: torch.device, free: int,
+               may_lower: bool, on_message: Callable[[str], None] | None) -> int:
+    """The batch size a step fits with: measured on one slice through the trainable part (what a step's backward needs)."""
+    batch = min(config.batch_size, images.shape[0])
+    encoder_frozen, decoder_frozen = segmentor.encoder_frozen(), segmentor.decoder_frozen()
+    x, y = images[:1].to(device), labels[:1].to(device)
+    memory = measure_step(segmentor, lambda: segmentation_loss(_logits(segmentor, x, encoder_frozen, decoder_frozen).float(), y, config))
+    cache = free * CACHE_SHARE if encoder_frozen and config.cache_copies > 0 else 0
+    decision = fit_batch(memory, batch, device, may_lower=may_lower and device.type == "cpu", what="finetune", available=int(free - cache))
+    if decision.note and on_message is not None:
+        on_message(decision.note)
+    return decision.batch_size
 
 
 def _logits(segmentor: Segmentor, x: torch.Tensor, encoder_frozen: bool, decoder_frozen: bool) -> torch.Tensor:

@@ -13,17 +13,17 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import platformdirs
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_folder
+from .bridge import model_cards as bridge_cards
+from .bridge.model_cards import BUNDLED_DIR, user_models_dir
 from .diffusion import GaussianDiffusion
 from .errors import InputError
 from .organs import ORGANS
@@ -40,14 +40,33 @@ KINDS = ("pretrained", "segmentor")
 DEFAULT_SEGMENTOR = "flare22-segmentor"
 DEFAULT_PRETRAINED = "ddpm-pretrained"
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
 
 
-def user_models_dir() -> Path:
-    """Per-user model folder (platform conventions; ``DIFFUSIONSEG_HOME`` overrides, e.g. for tests)."""
-    home = os.environ.get("DIFFUSIONSEG_HOME")
-    base = Path(home) if home else Path(platformdirs.user_data_dir("DiffusionSeg", appauthor=False))
-    return base / "models"
+def is_bare_name(text: str | Path) -> bool:
+    """Whether `text` is a model name rather than a path: no path separator, not '.', '..' or '~...'."""
+    text = str(text)
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return not any(sep in text for sep in separators) and text not in {"", ".", ".."} and not text.startswith("~")
+
+
+def finetune_destination(output: str | Path) -> Path:
+    """Where `finetune -o OUTPUT` writes: a bare name goes to the per-user models folder (as the Slicer
+    module saves), so `diffusionseg models` lists it and `--model NAME` finds it from any folder; a
+    path, or a name that is an existing folder here, is written where given."""
+    if is_bare_name(output) and not Path(output).is_dir():
+        return user_models_dir() / str(output)
+    return Path(output).expanduser()
+
+
+def portable_path(path: str | Path) -> str:
+    """A file or folder as a model card records it: its folder's name and its own (``abdomen-ct-a/ct.nii.gz``).
+
+    Cards travel with the weights; an absolute path of the training machine tells a reader nothing
+    useful and leaks its user and folder names.
+    """
+    resolved = Path(path).expanduser().resolve()
+    parts = [part for part in resolved.parts if part != resolved.anchor]
+    return "/".join(parts[-2:])
 
 
 def label_table() -> list[dict]:
@@ -153,14 +172,11 @@ def save_model(folder: str | Path, card: ModelCard, state_dict: Mapping[str, tor
         k: (v.detach().to("cpu", torch.float16 if half and v.is_floating_point() else v.dtype)).contiguous()
         for k, v in state_dict.items()
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
+    # A full disk or read-only folder is a WriteError naming the folder; nothing half-written stays, an older model stays whole.
+    with atomic_folder(folder) as staging:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "kind": card.kind})
         (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
         _usual_permissions(staging)
-        _replace_folder(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -172,21 +188,6 @@ def _usual_permissions(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
     for f in folder.iterdir():
         f.chmod(0o666 & ~umask)
-
-
-def _replace_folder(new: Path, final: Path) -> None:
-    """Move `new` to `final`; an existing `final` is kept until the new one is in place."""
-    if not final.exists():
-        os.replace(new, final)
-        return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    os.replace(final, old)
-    try:
-        os.replace(new, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_card(folder: str | Path) -> ModelCard:
@@ -247,18 +248,14 @@ def _is_model(folder: Path) -> bool:
 
 def list_models(kind: str | None = None) -> list[ModelInfo]:
     """Bundled and user models (user models with the same name shadow bundled ones), sorted by name."""
-    found: dict[str, ModelInfo] = {}
-    for source, root in (("bundled", BUNDLED_DIR), ("user", user_models_dir())):
-        if not root.is_dir():
-            continue
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_model(p)):
-            try:
-                card = read_card(folder)
-            except InputError:
-                continue  # a broken folder must not hide the others; resolving it by name reports why
-            if kind is None or card.kind == kind:
-                found[folder.name] = ModelInfo(folder.name, folder, card.kind, source, card)
-    return [found[name] for name in sorted(found)]
+    # The folders and the shadowing rule live in the torch-free bridge, so Slicer lists exactly what the engine loads.
+    found = []
+    for entry in bridge_cards.list_models(kind):
+        try:
+            found.append(ModelInfo(entry.name, entry.path, entry.kind, entry.source, ModelCard.from_dict(entry.card)))
+        except (ValueError, KeyError, TypeError):
+            continue  # a broken folder must not hide the others; resolving it by path reports why
+    return found
 
 
 def resolve_model(name_or_path: str | Path | None, kind: str) -> Path:

@@ -1,22 +1,23 @@
-"""Per-slice model uncertainty, to suggest which axial slice to annotate next.
+"""Per-slice model uncertainty, to suggest which axial slice to annotate next (the engine side: computing it).
 
 A slice's uncertainty is the mean normalised entropy of the class probabilities (0: certain, 1: uniform over
 the 14 classes) over the pixels inside the body (CT above -500 HU), so air around the patient, where the
 model is trivially sure, does not dilute it. Slices are reported in the input image's slice indices along
-its axial axis, the indices the user sees in Slicer (and that ``annotated_input_slices`` uses).
+its axial axis, the indices the user sees in Slicer (and that ``annotated_input_slices`` uses). Reading the
+report and ranking slices is `DiffusionSegLib.bridge.uncertainty`, which Slicer loads without torch.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .imageio import atomic_write_path
+from . import atomic
+from .bridge.uncertainty import METRIC, REPORT_VERSION  # one report format, read by the bridge
 from .preprocessing import ModelSpaceVolume
 
 if TYPE_CHECKING:
@@ -27,10 +28,7 @@ if TYPE_CHECKING:
     from .progress import Progress
     from .segmentor import Segmentor
 
-REPORT_VERSION = 1
-METRIC = "mean normalised entropy of the class probabilities within the body (CT > -500 HU)"
 BODY_HU = -500.0
-MIN_BODY_FRACTION = 0.02  # slices with less body than this (above the head, below the feet) are not suggested
 _CHUNK = 8  # slices per entropy batch: bounds the float32 copy of the probabilities
 
 
@@ -75,32 +73,8 @@ def uncertainty_report(probabilities: np.ndarray, volume: ModelSpaceVolume) -> d
 
 
 def write_report(report: dict, path: str | Path) -> Path:
-    with atomic_write_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    return Path(path)
-
-
-def read_report(path: str | Path) -> dict:
-    """A report written by `write_report`; ValueError naming the file if it is not one."""
-    path = Path(path)
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read the uncertainty report ({e}); segment again to recreate it") from e
-    if not isinstance(report, dict) or report.get("version") != REPORT_VERSION or not isinstance(report.get("slices"), list):
-        raise ValueError(f"{path}: not a DiffusionSeg uncertainty report (version {REPORT_VERSION}); segment again to recreate it")
-    return report
-
-
-def rank_slices(report: dict, annotated: Iterable[int] = (), min_body_fraction: float = MIN_BODY_FRACTION) -> list[int]:
-    """Input slice indices not yet annotated, most uncertain first (ties: lower index first).
-
-    Slices with almost no body are left out: their few pixels make the mean noisy, and annotating them
-    teaches the model little.
-    """
-    done = set(annotated)
-    candidates = [s for s in report["slices"] if s["index"] not in done and s["body_fraction"] >= min_body_fraction]
-    return [s["index"] for s in sorted(candidates, key=lambda s: (-s["uncertainty"], s["index"]))]
+    """Write the report atomically (a cancelled or failed run leaves no partial file)."""
+    return atomic.write_text(path, json.dumps(report, indent=1) + "\n")
 
 
 def segment_with_uncertainty(

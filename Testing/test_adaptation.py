@@ -13,14 +13,14 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
-from DiffusionSegLib import commands
 from DiffusionSegLib.adaptation import AdaptationResult, adapt_backbone, as_batch
+from DiffusionSegLib.bridge import commands
+from DiffusionSegLib.bridge.progress_parser import ProgressParser, ProgressUpdate
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.diffusion import GaussianDiffusion
 from DiffusionSegLib.imageio import read_ct
 from DiffusionSegLib.models import ModelCard, read_weights, save_model
 from DiffusionSegLib.preprocessing import PreprocessingSpec, to_model_space
-from DiffusionSegLib.progress_parser import ProgressParser, ProgressUpdate
 from DiffusionSegLib.segmentor import Segmentor
 from DiffusionSegLib.unet import UNetModel, preset_config
 

@@ -17,10 +17,11 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from DiffusionSegLib import imageio
+from DiffusionSegLib import imageio, seg_nrrd
 from DiffusionSegLib.errors import InputError
-from DiffusionSegLib.imageio import atomic_write_path, read_ct, read_labels, segmentation_dict, write_labelmap
+from DiffusionSegLib.imageio import read_ct, read_labels, write_labelmap
 from DiffusionSegLib.organs import ORGANS, organ_by_label, terminology_entry, terminology_string
+from DiffusionSegLib.seg_nrrd import segmentation_dict
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -431,7 +432,7 @@ def test_failed_write_leaves_existing_output_untouched(suffix, writer, tmp_path,
     if writer == "sitk":
         monkeypatch.setattr(imageio.sitk, "WriteImage", lambda image, path, *a, **k: fail_midway(path))
     else:
-        monkeypatch.setattr(imageio.slicerio, "write_segmentation", fail_midway)
+        monkeypatch.setattr(seg_nrrd.slicerio, "write_segmentation", fail_midway)
     with pytest.raises(RuntimeError, match="disk full"):
         write_labelmap(labels, target)
     assert target.read_bytes() == b"earlier result"
@@ -439,19 +440,6 @@ def test_failed_write_leaves_existing_output_untouched(suffix, writer, tmp_path,
     monkeypatch.undo()
     write_labelmap(labels, target)  # a later write replaces it
     np.testing.assert_array_equal(array(read_labels(target)), array(labels))
-
-
-def test_atomic_write_path_for_other_files(tmp_path):
-    target = tmp_path / "metrics.json"
-    with atomic_write_path(target) as tmp:
-        assert tmp.name == "metrics.json" and tmp.parent.parent == tmp_path
-        tmp.write_text("{}")
-        assert not target.exists()
-    assert target.read_text() == "{}" and files_in(tmp_path) == ["metrics.json"]
-    with pytest.raises(ValueError), atomic_write_path(target) as tmp:
-        tmp.write_text("partial")
-        raise ValueError("stop")
-    assert target.read_text() == "{}" and files_in(tmp_path) == ["metrics.json"]
 
 
 def test_written_files_carry_no_source_metadata(tmp_path):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from DiffusionSegLib.diffusion import GaussianDiffusion
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.models import (
     ModelCard,
@@ -20,7 +21,7 @@ from DiffusionSegLib.models import (
 )
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from DiffusionSegLib.segmentor import Segmentor
-from DiffusionSegLib.unet import preset_config
+from DiffusionSegLib.unet import UNetModel, preset_config
 
 
 def segmentor_card(**kw) -> ModelCard:
@@ -92,9 +93,20 @@ def test_corrupt_and_mismatched_models_are_input_errors(tmp_path, tiny_pretraine
         load_segmentor(wrong)
 
 
-def test_pretrained_loads(tiny_pretrained):
-    unet, card = load_unet(tiny_pretrained)
-    assert card.kind == "pretrained" and card.schedule["num_timesteps"] == 1000
+def test_pretrained_roundtrip_keeps_weights_and_predictions(tmp_path, tiny_pretrained):
+    torch.manual_seed(3)
+    config = preset_config("tiny")
+    unet = UNetModel(config).eval()
+    card = ModelCard(kind="pretrained", unet=config, preprocessing=PreprocessingSpec.for_size(config.image_size), preset="tiny",
+                     schedule=GaussianDiffusion("linear", 200).to_dict())
+    loaded, loaded_card = load_unet(save_model(tmp_path / "pre", card, unet.state_dict()))
+    assert loaded_card.kind == "pretrained" and loaded_card.schedule == GaussianDiffusion("linear", 200).to_dict()
+    assert loaded.state_dict().keys() == unet.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in unet.state_dict().items())
+    x, t = torch.randn(2, 1, 64, 64), torch.tensor([5, 150])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x, t), unet(x, t))
+    assert load_unet(tiny_pretrained)[1].kind == "pretrained"
 
 
 def test_user_models_are_listed_and_resolved_by_name():

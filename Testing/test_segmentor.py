@@ -80,7 +80,19 @@ def test_timestep_changes_features():
 
 
 def test_default_head_widths():
+    """The method's h128 for B and h256 for L, and fine-tuning without --head builds exactly that head."""
+    import argparse
+
+    from DiffusionSegLib.cli import _new_segmentor
+    from DiffusionSegLib.models import ModelCard
+    from DiffusionSegLib.preprocessing import PreprocessingSpec
+
     assert DEFAULT_HEAD_WIDTH["b"] == 128 and DEFAULT_HEAD_WIDTH["l"] == 256
+    card = ModelCard(kind="pretrained", unet=preset_config("tiny"), preprocessing=PreprocessingSpec.for_size(64), preset="tiny")
+    built = _new_segmentor(card, argparse.Namespace(head=None, timestep=None))
+    assert built.head.hidden == DEFAULT_HEAD_WIDTH["tiny"]
+    assert [m.out_channels for m in built.head.layers if isinstance(m, torch.nn.Conv2d)][0] == DEFAULT_HEAD_WIDTH["tiny"]
+    assert _new_segmentor(card, argparse.Namespace(head=48, timestep=None)).head.hidden == 48
 
 
 def test_channels_last_prediction_matches_and_leaves_the_weights_as_they_were():

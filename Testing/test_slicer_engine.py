@@ -1,36 +1,52 @@
-"""The Slicer module's engine side without Slicer: command lines, progress parsing, dependencies, painted
-slices and write-back, uncertainty ranking."""
+"""The Slicer module's engine side without Slicer (DiffusionSegLib.bridge and its engine counterparts): the bridge
+imports without torch, SimpleITK or slicerio; command lines, process-tree cancel, progress parsing,
+dependencies and restarts, painted slices and write-back, written-labels housekeeping, uncertainty ranking,
+model cards without torch, organ volumes, the sample for Sample Data."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from slicer_helpers import LAUNCHER, random_tiny_segmentor
 
-from DiffusionSegLib import commands, dependencies
-from DiffusionSegLib.devices import DEVICES
-from DiffusionSegLib.organs import ORGANS, terminology_string
-from DiffusionSegLib.preprocessing import Grid, ModelSpaceVolume
-from DiffusionSegLib.progress import Progress
-from DiffusionSegLib.progress_parser import LogLine, Message, ProgressParser, ProgressUpdate, format_duration, parse_line
-from DiffusionSegLib.segmentor import STRATEGIES
-from DiffusionSegLib.uncertainty import body_mask, rank_slices, slice_entropy, uncertainty_report
-from DiffusionSegLib.writeback import (
+from DiffusionSegLib import atomic, models
+from DiffusionSegLib.bridge import commands, dependencies, model_cards, sample, statistics
+from DiffusionSegLib.bridge.annotation import (
     annotated_slices,
     annotation_summary,
     axial_axis,
     edited_slices,
     keep_only,
+    load_written_labels,
     lps_direction_from_ras,
     merge_keeping_painted,
+    new_written_path,
     organ_labels,
     painted_slices,
+    prune_written_labels,
+    save_written_labels,
     segment_organ_ids,
 )
+from DiffusionSegLib.bridge.progress_parser import LogLine, Message, ProgressParser, ProgressUpdate, format_duration, parse_line
+from DiffusionSegLib.bridge.runner import BackgroundRun, popen_options, tree_kill_command
+from DiffusionSegLib.bridge.uncertainty import check_report, rank_slices, read_report
+from DiffusionSegLib.devices import DEVICES
+from DiffusionSegLib.organs import ORGANS, terminology_string
+from DiffusionSegLib.preprocessing import Grid, ModelSpaceVolume, canonical_axes
+from DiffusionSegLib.progress import Progress
+from DiffusionSegLib.segmentor import STRATEGIES
+from DiffusionSegLib.uncertainty import body_mask, slice_entropy, uncertainty_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,10 +166,10 @@ def test_requirements_match_pyproject():
 
 def test_missing_requirements_and_constraints():
     versions = {"safetensors": "0.4.5", "slicerio": "1.0", "tqdm": "4.66.1", "platformdirs": "4.2", "scikit-image": "0.24.0rc1",
-                "numpy": "1.26.4", "SimpleITK": "2.4.0", "torch": "2.1.0"}
+                "scipy": "1.11.4", "numpy": "1.26.4", "SimpleITK": "2.4.0", "torch": "2.1.0"}
     missing = dependencies.missing_requirements(version_of=versions.get)
-    assert [m.name for m in missing] == ["slicerio", "pyyaml"]
-    assert missing[0].describe() == "slicerio>=1.1 (installed: 1.0)" and missing[1].describe() == "pyyaml>=6"
+    assert [m.name for m in missing] == ["slicerio", "Pillow"]
+    assert missing[0].describe() == "slicerio>=1.1 (installed: 1.0)" and missing[1].describe() == "Pillow>=9"
     assert dependencies.torch_missing(versions.get).installed == "2.1.0"
     assert dependencies.torch_missing({"torch": "2.13.0+cpu"}.get) is None
     assert dependencies.constraints(versions.get) == "numpy==1.26.4\nSimpleITK==2.4.0\n"  # requests not installed: not pinned
@@ -259,3 +275,297 @@ def test_rank_slices_skips_annotated_and_empty_slices():
     ]}
     assert rank_slices(report, annotated=[4]) == [2, 1, 3]
     assert rank_slices(report, annotated=[1, 2, 3, 4]) == []
+
+
+# --- the bridge: what Slicer loads before anything is installed ---------------------------------------------
+
+BLOCKED = ("torch", "SimpleITK", "slicerio", "safetensors", "skimage", "platformdirs", "yaml", "tqdm")
+
+
+def test_bridge_imports_with_only_the_standard_library_and_numpy():
+    """Every bridge module imports, and lists the bundled model, with the engine's other packages made unimportable."""
+    script = textwrap.dedent(f"""
+        import importlib, importlib.abc, json, pkgutil, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {BLOCKED!r}:
+                    raise ImportError("blocked for this test: " + name)
+
+        sys.meta_path.insert(0, Block())
+        import DiffusionSegLib.bridge as bridge
+        names = [m.name for m in pkgutil.iter_modules(bridge.__path__)]
+        for name in names:
+            importlib.import_module("DiffusionSegLib.bridge." + name)
+        from DiffusionSegLib.bridge import model_cards
+        tops = {{m.split(".")[0] for m in sys.modules}}
+        third_party = sorted(t for t in tops - set(sys.stdlib_module_names) - {{"numpy", "DiffusionSegLib"}} if not t.startswith("_"))
+        print(json.dumps({{"modules": names, "third_party": third_party, "models": [m.name for m in model_cards.list_models("segmentor")],
+                          "engine": sorted(m for m in sys.modules if m.startswith("DiffusionSegLib.") and not m.startswith("DiffusionSegLib.bridge"))}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"commands", "runner", "progress_parser", "dependencies", "annotation", "uncertainty", "model_cards"} <= set(found["modules"])
+    assert found["third_party"] == []
+    # the stdlib-only atomic writer (and its error class) and label table, nothing heavier
+    assert found["engine"] == ["DiffusionSegLib.atomic", "DiffusionSegLib.errors", "DiffusionSegLib.organs"]
+    assert "flare22-segmentor" in found["models"]  # listed without torch: Segment is clickable on a fresh install
+
+
+def test_old_helper_modules_are_gone():
+    """One home for the Slicer side: the moved helpers exist only in the bridge."""
+    for name in ("commands", "runner", "progress_parser", "dependencies"):
+        assert not (ROOT / "DiffusionSegLib" / f"{name}.py").exists()
+        assert (ROOT / "DiffusionSegLib" / "bridge" / f"{name}.py").is_file()
+
+
+# --- process-tree cancel ---------------------------------------------------------------------------------------
+
+GRANDCHILD = """
+import json, os, sys, time
+from pathlib import Path
+Path(sys.argv[1]).write_text(str(os.getpid()))
+print(json.dumps({"stage": "work", "step": 0, "total": 100}), flush=True)
+time.sleep(60)
+Path(sys.argv[2]).write_text("finished")
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its parent to reap it does not)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc").is_dir():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups; Windows uses taskkill /T (command checked below)")
+def test_cancel_stops_the_launcher_and_the_engine_it_started(tmp_path):
+    """PythonSlicer is a launcher that runs the real Python as its child: cancel must stop both, and nothing is written."""
+    launcher, engine = tmp_path / "launcher.py", tmp_path / "engine.py"
+    launcher.write_text(LAUNCHER)
+    engine.write_text(GRANDCHILD)
+    pid_file, output = tmp_path / "engine.pid", tmp_path / "output.txt"
+    run = BackgroundRun([sys.executable, str(launcher), sys.executable, str(engine), str(pid_file), str(output)])
+    engine_pid = None
+    try:
+        deadline = time.monotonic() + 60
+        while not any(isinstance(e, ProgressUpdate) for e in run.poll().events):
+            assert time.monotonic() < deadline, "the engine did not start"
+            time.sleep(0.05)
+        engine_pid = int(pid_file.read_text())
+        assert engine_pid != run.pid and _alive(engine_pid)
+        run.cancel()
+        result = run.wait(20)  # the engine holds the pipes: this ends only when the engine has ended too
+        assert result.finished and run.cancel_requested
+        assert "cancelled" in commands.describe_exit(result.returncode)
+        deadline = time.monotonic() + 10
+        while (_alive(run.pid) or _alive(engine_pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(run.pid) and not _alive(engine_pid)
+        assert not output.exists()
+    finally:
+        if engine_pid is not None and _alive(engine_pid):
+            os.kill(engine_pid, signal.SIGKILL)
+
+
+def test_child_is_the_root_of_its_own_process_tree(monkeypatch):
+    assert popen_options(windows=False) == {"start_new_session": True}
+    assert tree_kill_command(4321) == ["taskkill", "/PID", "4321", "/T", "/F"]
+
+    class StartupInfo:  # subprocess.STARTUPINFO exists only on Windows
+        dwFlags, wShowWindow = 0, 1
+
+    monkeypatch.setattr(subprocess, "STARTUPINFO", StartupInfo, raising=False)
+    options = popen_options(windows=True)  # no console window flashes up, as slicer.util.launchConsoleProcess does it
+    assert options["creationflags"] == 0x08000000 and options["startupinfo"].dwFlags & 1 and options["startupinfo"].wShowWindow == 0
+
+
+def test_windows_cancel_ends_the_tree_with_taskkill(monkeypatch):
+    from DiffusionSegLib.bridge import runner
+
+    run = BackgroundRun([sys.executable, "-c", "import time; time.sleep(30)"])
+    called = []
+    monkeypatch.setattr(runner, "_WINDOWS", True)
+    monkeypatch.setattr(runner.subprocess, "run", lambda command, **kwargs: called.append((command, kwargs)))
+    try:
+        run.cancel()
+        assert called and called[0][0] == tree_kill_command(run.pid) and called[0][1]["creationflags"] == runner.CREATE_NO_WINDOW
+    finally:
+        monkeypatch.setattr(runner, "_WINDOWS", False)
+        run.kill()
+        run.wait(20)
+
+
+def test_device_probe_reports_what_torch_sees():
+    import torch
+
+    run = BackgroundRun([sys.executable, *commands.device_probe_args()])
+    result = run.wait(120)
+    assert result.returncode == 0, run.stderr_tail
+    found = [commands.parse_device_probe(e.text) for e in result.events if isinstance(e, LogLine)]
+    devices = next(f for f in found if f is not None)
+    assert devices == {"cuda": torch.cuda.is_available(), "mps": bool(torch.backends.mps.is_available())}
+    assert commands.parse_device_probe('{"stage": "x"}') is None and commands.parse_device_probe("oops") is None
+
+
+# --- dependencies: restart after upgrading what is already imported ---------------------------------------------
+
+
+def test_loaded_upgrades_ask_for_a_restart():
+    missing = [dependencies.Missing("scikit-image", "0.21", "0.19"), dependencies.Missing("scipy", "1.8", None),
+               dependencies.Missing("Pillow", "9", "8.4"), dependencies.Missing("slicerio", "1.1", "1.0")]
+    upgraded = dependencies.loaded_upgrades(missing, {"skimage", "scipy", "PIL", "numpy"})
+    assert [m.name for m in upgraded] == ["scikit-image", "Pillow"]  # scipy is new (nothing old loaded); slicerio not imported
+    assert dependencies.import_name("Pillow") == "PIL" and dependencies.import_name("slicerio") == "slicerio"
+
+
+# --- model cards without torch ---------------------------------------------------------------------------------
+
+
+def test_model_cards_list_what_the_engine_lists():
+    user = models.user_models_dir()  # conftest points DIFFUSIONSEG_HOME at a temporary folder
+    assert model_cards.user_models_dir() == user
+    random_tiny_segmentor(user / "mine", name="Mine")
+    (user / "broken").mkdir()
+    (user / "broken" / "model.json").write_text("{not json")
+    (user / "empty").mkdir()
+    engine = [(i.name, i.path, i.kind, i.source) for i in models.list_models("segmentor")]
+    bridge = [(e.name, e.path, e.kind, e.source) for e in model_cards.list_models("segmentor")]
+    assert bridge == engine
+    assert ("mine", user / "mine", "segmentor", "user") in bridge
+    assert [e.name for e in model_cards.list_models()] == [i.name for i in models.list_models()]
+    assert model_cards.is_user_model(user / "mine") and not model_cards.is_user_model(user / "broken")
+    assert not model_cards.is_user_model(model_cards.BUNDLED_DIR / "flare22-segmentor") and not model_cards.is_user_model("")
+
+
+def test_user_models_dir_without_platformdirs(monkeypatch, tmp_path):
+    monkeypatch.delenv("DIFFUSIONSEG_HOME", raising=False)
+    for xdg in (None, str(tmp_path / "xdg")):
+        if xdg is None:
+            monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+        else:
+            monkeypatch.setenv("XDG_DATA_HOME", xdg)
+        expected = models.user_models_dir()
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, "platformdirs", None)  # what a fresh Slicer has: importing it fails
+            assert model_cards.user_models_dir() == expected
+
+
+# --- the axial axis is the model's -----------------------------------------------------------------------------
+
+
+def test_axial_axis_agrees_with_preprocessing():
+    rng = np.random.default_rng(3)
+    directions = [np.linalg.qr(rng.normal(size=(3, 3)))[0] for _ in range(300)]
+    for permutation in ([0, 1, 2], [2, 0, 1], [1, 2, 0], [0, 2, 1]):
+        for signs in ([1, 1, 1], [-1, 1, -1], [1, -1, -1]):
+            directions.append(np.eye(3)[permutation] * signs)
+    half = np.sqrt(0.5)
+    directions.append(np.array([[half, half, 0], [-half, half, 0], [0, 0, 1.0]]))  # a 45-degree tie in-plane
+    for d in directions:
+        flat = tuple(float(v) for v in d.ravel())
+        assert axial_axis(flat) == canonical_axes(flat)[0][2], flat
+
+
+# --- the labels last written back ------------------------------------------------------------------------------
+
+
+def test_written_labels_round_trip(tmp_path):
+    labels = (np.arange(60).reshape(3, 4, 5) % 14).astype(np.uint8)
+    path = new_written_path(tmp_path / "written-labels")
+    assert path.suffix == ".npz" and new_written_path(tmp_path) != new_written_path(tmp_path)
+    save_written_labels(labels, path)
+    assert np.array_equal(load_written_labels(path, labels.shape), labels)
+    assert load_written_labels(path, (3, 4, 6)) is None  # written for another CT grid
+    assert load_written_labels(tmp_path / "missing.npz") is None and load_written_labels(None) is None
+    (tmp_path / "bad.npz").write_bytes(b"not numpy")
+    assert load_written_labels(tmp_path / "bad.npz") is None
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial file left
+
+
+def test_prune_written_labels_keeps_what_is_used_or_recent(tmp_path):
+    folder = tmp_path / "written-labels"
+    recent, old, in_use = folder / "recent.npz", folder / "old.npz", folder / "in-use.npz"
+    for path in (recent, old, in_use):
+        save_written_labels(np.zeros((2, 2, 2), np.uint8), path)
+    legacy, partial, other = folder / "legacy.nrrd", folder / f".x.npz{atomic.TEMP_MARK}1234-abcd", folder / "notes.txt"
+    for path in (legacy, partial, other):
+        path.write_bytes(b"x")
+    (folder / f".y.npz{atomic.TEMP_MARK}99-ef").mkdir()  # a writer being killed right now: too recent to remove
+    now = time.time()
+    for path, days in ((old, 100), (in_use, 100), (legacy, 100), (other, 100), (partial, 2)):
+        os.utime(path, (now - days * 86400, now - days * 86400))
+    deleted = prune_written_labels(folder, keep=[in_use], now=now)
+    assert set(deleted) == {old, legacy, partial}
+    assert {p.name for p in folder.iterdir()} == {"recent.npz", "in-use.npz", "notes.txt", f".y.npz{atomic.TEMP_MARK}99-ef"}
+    assert prune_written_labels(tmp_path / "none") == []
+
+
+# --- organ volumes from Segment Statistics ---------------------------------------------------------------------
+
+
+def test_organ_volumes_from_segment_statistics():
+    stats = {
+        "SegmentIDs": ["s1", "s2", "s3", "s4"],
+        ("s1", statistics.VOXELS_KEY): 56000, ("s1", statistics.VOLUME_KEY): 1520.34, ("s1", statistics.MEAN_KEY): 61.6,
+        ("s1", statistics.STDEV_KEY): 18.2,
+        ("s2", statistics.VOXELS_KEY): 0, ("s2", statistics.VOLUME_KEY): 0.0,  # empty spleen: absent
+        ("s3", statistics.VOXELS_KEY): 10, ("s3", statistics.VOLUME_KEY): 0.3,  # a tumour: not an organ
+        ("s4", statistics.VOXELS_KEY): 900, ("s4", statistics.VOLUME_KEY): 24.0,  # no scalar volume plugin result
+    }
+    names = {"s1": ("Liver", None), "s2": ("Spleen", None), "s3": ("my tumour", None), "s4": ("Segment_13", terminology_string(ORGANS[12]))}
+    rows, absent = statistics.organ_volumes(stats, names)
+    assert rows == [statistics.OrganVolume("Liver", 1520.34, 61.6, 18.2), statistics.OrganVolume("Left kidney", 24.0, None, None)]
+    assert "Spleen" in absent and "Liver" not in absent and len(absent) == 11
+    text = statistics.describe_volumes(rows, absent)
+    assert text.splitlines()[:2] == ["Liver: 1520.3 mL, 62 ± 18 HU", "Left kidney: 24.0 mL"]
+    assert text.splitlines()[2].startswith("Not found: Right kidney, Spleen")
+
+
+# --- the sample for Sample Data --------------------------------------------------------------------------------
+
+# Parameters of SampleData.SampleDataLogic.registerCustomSampleDataSource in Slicer 5.10-5.12.
+SAMPLE_DATA_PARAMETERS = {"category", "sampleName", "uris", "fileNames", "nodeNames", "customDownloader", "thumbnailFileName",
+                          "loadFileTypes", "loadFiles", "loadFileProperties", "checksums", "loadFileType"}
+
+
+def test_sample_is_registered_from_the_package(tmp_path):
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from DiffusionSegLib.imageio import read_ct
+
+    source = sample.sample_data_source(thumbnail=tmp_path / "icon.png")
+    assert source is not None, f"the sample CT is missing: {sample.sample_path()}"
+    assert set(source) <= SAMPLE_DATA_PARAMETERS
+    path = Path(url2pathname(urlparse(source["uris"]).path))
+    assert path == sample.sample_path().resolve() == (ROOT / "DiffusionSegLib" / "sample" / "abdomen-ct-a.nii.gz").resolve()
+    assert source["checksums"] == "SHA256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert source["fileNames"] == path.name and source["loadFileTypes"] == "VolumeFile" and source["thumbnailFileName"] == str(tmp_path / "icon.png")
+    assert (path.parent / "LICENSE.txt").is_file()
+    ct = read_ct(path)
+    assert min(ct.GetSize()) >= 32 and path.stat().st_size < 5_000_000  # a real, small CT
+
+
+# --- uncertainty report: written by the engine, read by the bridge ---------------------------------------------
+
+
+def test_uncertainty_report_round_trip(tmp_path):
+    report = {"version": 1, "metric": "m", "slice_axis": 2, "num_slices": 1, "slices": [{"index": 0, "uncertainty": 0.5, "body_fraction": 0.5}]}
+    path = write_report(report, tmp_path / "u.json")
+    assert read_report(path) == report and check_report(report) is report
+    with pytest.raises(ValueError, match="not a DiffusionSeg uncertainty report"):
+        check_report({"version": 99, "slices": []}, "node")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_report(tmp_path / "bad.json")
+

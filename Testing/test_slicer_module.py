@@ -1,6 +1,9 @@
-"""Static checks of the 3D Slicer extension (no Slicer here): Python compiles and is ruff-clean for Slicer's
-Python, every widget the module uses is in the .ui file with the expected class, parameter-node widgets fit
-their parameters, and the CMake files hold what Slicer's extension build needs."""
+"""Checks of the 3D Slicer extension without Slicer. Static: Python compiles and is ruff-clean for Slicer's Python,
+every widget the module uses is in the .ui file with the expected class, parameter-node widgets fit their
+parameters, the CMake files hold what Slicer's extension build needs, and the module imports the engine only
+where its packages are installed. With a stand-in for Slicer (slicer_helpers): a failed install returns the
+panel to idle, models are listed without torch, the annotated-slice count follows painting, no colour table
+is left in the scene, write-back keeps the user's own segments, MPS only on macOS, the sample is registered."""
 
 from __future__ import annotations
 
@@ -9,10 +12,15 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
+from slicer_helpers import FAKE_ERRORS, FakeNode, FakeObservationMixin, FakeScene, FakeSegmentation, load_module_with_fake_slicer
+
+from DiffusionSegLib.bridge import dependencies, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTENSION = ROOT / "DiffusionSegExtension"
@@ -28,6 +36,7 @@ EXPECTED_WIDGETS = {
     "deviceComboBox": "QComboBox",
     "deviceWarningLabel": "QLabel",
     "segmentButton": "QPushButton",
+    "organVolumesLabel": "QLabel",
     "annotateButton": "QPushButton",
     "annotationStatusLabel": "QLabel",
     "finetuneButton": "QPushButton",
@@ -171,6 +180,10 @@ def test_extension_cmake_has_what_slicer_needs():
     for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
         assert re.search(rf'set\(EXTENSION_{variable} "[^"]+"\)', text), f"EXTENSION_{variable} is not set"
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in text and 'set(EXTENSION_DEPENDS "PyTorch")' in text
+    # the minimum Slicer version: said in the description and enforced when configuring
+    assert 'set(EXTENSION_MINIMUM_SLICER_VERSION "5.10")' in text and "Requires 3D Slicer 5.10 or later" in text
+    assert re.search(r'if\("\$\{Slicer_VERSION_MAJOR\}\.\$\{Slicer_VERSION_MINOR\}" VERSION_LESS "\$\{EXTENSION_MINIMUM_SLICER_VERSION\}"\) '
+                     r"message\(FATAL_ERROR", text)
     order = ["find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(DiffusionSegExtension)",
              "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"]
     positions = [text.find(item) for item in order]
@@ -190,7 +203,265 @@ def test_module_cmake_builds_and_tests_the_scripted_module():
     for resource in resources.split():
         assert (EXTENSION / resource.replace("${MODULE_NAME}", "DiffusionSeg")).is_file(), resource
     assert (EXTENSION / "Resources/Icons/DiffusionSeg.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the engine and its bundled weights travel with the module
+    # the engine, its bridge subpackage, the bundled weights and the sample CT travel with the module
     assert "${CMAKE_CURRENT_SOURCE_DIR}/../DiffusionSegLib" in text and "DiffusionSegLib/${engine_file}" in text
+    glob = re.search(r"file\(GLOB ENGINE_SOURCES RELATIVE \$\{ENGINE_DIR\} (.*?)\)", text).group(1).split()
+    assert glob == ["${ENGINE_DIR}/*.py", "${ENGINE_DIR}/bridge/*.py"]
     assert "weights" in text and "install(DIRECTORY ${ENGINE_DIR}/weights" in text
+    assert "install(DIRECTORY ${ENGINE_DIR}/sample" in text and 'PATTERN "*.nii.gz"' in text
+    assert (ROOT / "DiffusionSegLib" / "sample" / sample.SAMPLE_FILE).is_file()
     assert "add_subdirectory(Testing)" in text and (EXTENSION / "Testing/CMakeLists.txt").is_file()
+
+
+# --- what the module imports, and where ------------------------------------------------------------------------
+
+# Methods that run only after ensureDependencies (or in the self-test inside Slicer): they may import the engine.
+ENGINE_IMPORTS_ALLOWED_IN = {"finetune", "writeBack", "test_DiffusionSegWorkflow"}
+LIGHT_MODULES = ("DiffusionSegLib.bridge", "DiffusionSegLib.organs")  # standard library and numpy only
+
+
+def test_module_imports_the_engine_only_after_installation():
+    """The panel, the model list and the annotated-slice count use the bridge only: no slicerio, SimpleITK or torch
+    import on the status path, and none in set-up (torch in the GUI thread is slow, and a broken one breaks the panel)."""
+    tree = module_tree()
+    offenders = []
+
+    def visit(node: ast.AST, function: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            name = child.name if isinstance(child, ast.FunctionDef) else function
+            modules = []
+            if isinstance(child, ast.ImportFrom) and child.module:
+                modules = [child.module]
+            elif isinstance(child, ast.Import):
+                modules = [alias.name for alias in child.names]
+            for module in modules:
+                top = module.split(".")[0]
+                heavy = top in ("torch", "SimpleITK", "slicerio", "safetensors", "skimage", "platformdirs")
+                engine = top == "DiffusionSegLib" and not module.startswith(LIGHT_MODULES)
+                if (heavy or engine) and function not in ENGINE_IMPORTS_ALLOWED_IN:
+                    offenders.append(f"{module} in {function or 'module level'}")
+            visit(child, name)
+
+    visit(tree, None)
+    assert not offenders, offenders
+
+
+# --- the module against a stand-in for Slicer ------------------------------------------------------------------
+
+
+class FakeWidget:
+    """A Qt widget: settable properties; other calls do nothing."""
+
+    def __init__(self) -> None:
+        self.text, self.enabled = "", True
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+class FakeCombo(FakeWidget):
+    def __init__(self) -> None:
+        super().__init__()
+        self.items: list[tuple[str, str]] = []
+        self.currentIndex = -1
+
+    def blockSignals(self, block: bool) -> bool:
+        return False
+
+    def clear(self) -> None:
+        self.items, self.currentIndex = [], -1
+
+    def addItem(self, text: str, data: str) -> None:
+        self.items.append((text, data))
+        self.currentIndex = max(self.currentIndex, 0)
+
+    def findData(self, data: str) -> int:
+        return next((i for i, item in enumerate(self.items) if item[1] == data), -1)
+
+    @property
+    def currentData(self) -> str | None:
+        return self.items[self.currentIndex][1] if 0 <= self.currentIndex < len(self.items) else None
+
+
+class FakeUI:
+    def __init__(self) -> None:
+        self.modelComboBox = FakeCombo()
+
+    def __getattr__(self, name: str) -> FakeWidget:
+        widget = FakeWidget()
+        setattr(self, name, widget)
+        return widget
+
+
+def make_widget(module: types.ModuleType):
+    """A DiffusionSegWidget with fake ui and parameters (setup() needs a real Slicer)."""
+    widget = module.DiffusionSegWidget.__new__(module.DiffusionSegWidget)
+    FakeObservationMixin.__init__(widget)
+    widget.ui = FakeUI()
+    widget.state = module.State.IDLE
+    widget.logic = module.DiffusionSegLogic()
+    widget._statusTimer = types.SimpleNamespace(start=lambda: None)
+    widget._observedSegmentation, widget._annotationEvents = None, ()
+    widget._parameterNode = types.SimpleNamespace(inputVolume=object(), annotationSegmentation=None, outputSegmentation=None, model="",
+                                                  device=module.Device.AUTO)
+    return widget
+
+
+def test_failed_install_returns_the_panel_to_idle(monkeypatch):
+    module = load_module_with_fake_slicer(monkeypatch)
+    widget = make_widget(module)
+    states, logs = [], []
+    widget.setState = lambda state: (states.append(state), setattr(widget, "state", state))
+    widget.addLog = logs.append
+    widget.logic.missingDependencies = lambda: ["slicerio>=1.1"]
+
+    def failing_install():
+        raise RuntimeError("pip: no network")
+
+    widget.logic.installDependencies = failing_install
+    assert widget.ensureDependencies() is False
+    assert states == [module.State.INSTALLING, module.State.IDLE] and widget.state == module.State.IDLE
+    assert FAKE_ERRORS == ["Failed to install the Python packages."]  # shown to the user once
+    assert "no network" in logs[-1] and "not installed" in widget.ui.statusLabel.text
+
+    restarts = []
+    widget.logic.installDependencies = lambda: None
+    widget.logic.offerRestart = lambda: restarts.append(True)
+    assert widget.ensureDependencies() is True and widget.state == module.State.IDLE and restarts == [True]
+
+
+def test_models_are_listed_and_segment_enabled_before_installation(monkeypatch):
+    module = load_module_with_fake_slicer(monkeypatch)
+    monkeypatch.setattr(module.dependencies, "torch_missing", lambda *args: dependencies.Missing("torch", "2.2", None))
+    monkeypatch.setattr(module.dependencies, "missing_requirements", lambda *args, **kwargs: [dependencies.Missing("slicerio", "1.1", None)])
+    widget = make_widget(module)
+    widget.refreshModels()
+    assert any(text.startswith("flare22-segmentor (bundled)") for text, _ in widget.ui.modelComboBox.items)
+    assert widget.selectedModel().endswith("flare22-segmentor") and widget._parameterNode.model == widget.selectedModel()
+    assert widget.ui.segmentButton.enabled is True
+    assert "segmentor" in widget.ui.modelInfoLabel.text
+
+
+def test_annotated_slice_count_follows_painting_and_entering(monkeypatch):
+    module = load_module_with_fake_slicer(monkeypatch)
+    widget = make_widget(module)
+    counted = []
+    widget.updateAnnotationStatus = lambda: counted.append(True)
+    first, second = FakeSegmentation({"s1": "Liver"}), FakeSegmentation({"s1": "Liver"})
+    widget.observeAnnotation(types.SimpleNamespace(GetSegmentation=lambda: first))
+    events = {event for observed, event, _ in widget.observers if observed is first}
+    assert FakeSegmentation.SourceRepresentationModified in events  # what a paint stroke fires
+    assert {33, FakeSegmentation.SegmentModified, FakeSegmentation.SegmentAdded, FakeSegmentation.SegmentRemoved} <= events
+    assert counted == [True]
+
+    # Painting happened in Segment Editor, now the user comes back: counted again, observing the current annotation only.
+    widget.initializeParameterNode = lambda: None
+    widget._parameterNode.annotationSegmentation = types.SimpleNamespace(GetSegmentation=lambda: second)
+    widget.enter()
+    assert counted == [True, True]
+    assert {observed for observed, _, _ in widget.observers} == {second}
+
+
+def test_status_leaves_no_color_table_and_needs_no_engine_packages(monkeypatch):
+    scene = FakeScene()
+    module = load_module_with_fake_slicer(monkeypatch, scene)
+    slicer = sys.modules["slicer"]
+    values = np.zeros((4, 3, 2), dtype=np.uint8)  # k, j, i: value = segment position + 1
+    values[1, 0, 0], values[2, 1, 1] = 1, 2
+
+    def export(segmentationNode, segmentIds, labelmapNode, referenceVolumeNode) -> bool:
+        color = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{labelmapNode.GetName()}_ColorTable")
+        labelmapNode.displayNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeDisplayNode")
+        labelmapNode.displayNode.colorNode = color
+        return True
+
+    slicer.modules.segmentations = types.SimpleNamespace(logic=lambda: types.SimpleNamespace(ExportSegmentsToLabelmapNode=export))
+    slicer.util.arrayFromVolume = lambda node: values
+    volume = types.SimpleNamespace(GetIJKToRASDirections=lambda d: d.__setitem__(slice(None), [[-1.0, 0, 0], [0, -1.0, 0], [0, 0, 1.0]]))
+    segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "annotation")
+    segmentationNode.segmentation = FakeSegmentation({"Segment_1": "Liver", "Segment_2": "my tumour"})
+    for name in ("slicerio", "SimpleITK", "torch"):  # what a fresh Slicer lacks (SimpleITK: its extras)
+        monkeypatch.setitem(sys.modules, name, None)
+    for name in [m for m in sys.modules if m.startswith("DiffusionSegLib.") and not m.startswith(("DiffusionSegLib.bridge", "DiffusionSegLib.organs"))]:
+        monkeypatch.delitem(sys.modules, name)
+    status = module.DiffusionSegLogic().annotationStatus(segmentationNode, volume)
+    assert status["slices"] == [1] and status["organs"] == ["liver"]  # slice 2 holds only the tumour: not an organ annotation
+    assert status["unmatched"] == ["my tumour"]
+    assert scene.nodes == [segmentationNode]  # the labelmap, its display node and the "_ColorTable" node are gone
+
+
+def test_write_back_keeps_segments_that_match_no_organ_and_the_file_link(monkeypatch, tmp_path):
+    scene = FakeScene()
+    module = load_module_with_fake_slicer(monkeypatch, scene)
+    readInto = []
+
+    def new_node(className: str, name: str = "") -> FakeNode:
+        node = FakeNode(scene, className, name)
+        scene.nodes.append(node)
+        if className == "vtkMRMLSegmentationStorageNode":
+            def read(target: FakeNode) -> bool:
+                readInto.append(target)
+                target.GetSegmentation().segments.update({"Segment_1": "Liver", "Segment_3": "Spleen"})
+                return True
+            node.ReadData = read
+        return node
+
+    scene.AddNewNodeByClass = new_node
+    target = new_node("vtkMRMLSegmentationNode", "annotation")
+    target.segmentation = FakeSegmentation({"Segment_1": "Liver", "Segment_2": "my tumour", "Segment_4": "Right kidney"})
+    module.DiffusionSegLogic().importSegmentation(tmp_path / "merged.seg.nrrd", target, volumeNode=FakeNode(scene, "vtkMRMLScalarVolumeNode"))
+    assert readInto and target not in readInto  # read into a temporary node: the annotation keeps its own storage node
+    assert target.segmentation.segments == {"Segment_2": "my tumour", "Segment_1": "Liver", "Segment_3": "Spleen"}
+    assert scene.nodes == [target]  # temporary nodes removed
+
+
+def test_mps_is_offered_only_on_macos(monkeypatch):
+    module = load_module_with_fake_slicer(monkeypatch)
+    assert ("MPS" in module.Device.__members__) == (sys.platform == "darwin")
+    assert {"AUTO", "CUDA", "CPU"} <= set(module.Device.__members__)
+
+
+def test_sample_is_registered_in_sample_data(monkeypatch):
+    module = load_module_with_fake_slicer(monkeypatch)
+    registered = []
+    fake = types.ModuleType("SampleData")
+    fake.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=lambda **kwargs: registered.append(kwargs))
+    monkeypatch.setitem(sys.modules, "SampleData", fake)
+    module.registerSampleData()
+    assert len(registered) == 1
+    source = registered[0]
+    assert source["category"] == "DiffusionSeg" and source["nodeNames"] == sample.SAMPLE_NAME
+    assert source["uris"] == sample.sample_path().resolve().as_uri() and source["thumbnailFileName"].endswith("DiffusionSeg.png")
+
+
+def test_organ_volumes_come_from_segment_statistics(monkeypatch):
+    module = load_module_with_fake_slicer(monkeypatch)
+    parameters: dict[str, str] = {}
+    plugins = [type(name, (), {})() for name in ("LabelmapSegmentStatisticsPlugin", "ScalarVolumeSegmentStatisticsPlugin",
+                                                  "ClosedSurfaceSegmentStatisticsPlugin")]
+
+    class Logic:
+        def __init__(self) -> None:
+            self.plugins, self.computed = plugins, False
+
+        def getParameterNode(self):
+            return types.SimpleNamespace(SetParameter=parameters.__setitem__)
+
+        def computeStatistics(self) -> None:
+            self.computed = True
+
+        def getStatistics(self) -> dict:
+            assert self.computed
+            return {"SegmentIDs": ["a"], ("a", "LabelmapSegmentStatisticsPlugin.voxel_count"): 10,
+                    ("a", "LabelmapSegmentStatisticsPlugin.volume_cm3"): 12.5, ("a", "ScalarVolumeSegmentStatisticsPlugin.mean"): 50.0,
+                    ("a", "ScalarVolumeSegmentStatisticsPlugin.stdev"): 5.0}
+
+    monkeypatch.setitem(sys.modules, "SegmentStatistics", types.SimpleNamespace(SegmentStatisticsLogic=Logic))
+    scene = sys.modules["slicer"].mrmlScene
+    segmentationNode, volume = scene.AddNewNodeByClass("vtkMRMLSegmentationNode"), scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    segmentationNode.segmentation = FakeSegmentation({"a": "Spleen"})
+    text = module.DiffusionSegLogic().organVolumesText(segmentationNode, volume)
+    assert text.splitlines()[0] == "Spleen: 12.5 mL, 50 ± 5 HU" and "Liver" in text.splitlines()[-1]
+    assert parameters["Segmentation"] == segmentationNode.GetID() and parameters["ScalarVolume"] == volume.GetID()
+    assert parameters["visibleSegmentsOnly"] == "False" and parameters["ClosedSurfaceSegmentStatisticsPlugin.enabled"] == "False"
+    assert parameters["LabelmapSegmentStatisticsPlugin.enabled"] == parameters["ScalarVolumeSegmentStatisticsPlugin.enabled"] == "True"

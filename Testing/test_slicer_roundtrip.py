@@ -14,17 +14,18 @@ import SimpleITK as sitk
 import slicerio
 from conftest import same_geometry
 from phantom import FLIPPED_DIRECTION, make_phantom
-from slicer_helpers import keep_array_slices, random_tiny_segmentor
+from slicer_helpers import LAUNCHER, keep_array_slices, random_tiny_segmentor
 
-from DiffusionSegLib import commands
+from DiffusionSegLib.bridge import commands
+from DiffusionSegLib.bridge.annotation import axial_axis, load_written_labels, painted_slices
+from DiffusionSegLib.bridge.progress_parser import Message, ProgressUpdate
+from DiffusionSegLib.bridge.runner import BackgroundRun
+from DiffusionSegLib.bridge.uncertainty import rank_slices, read_report
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.imageio import read_ct, read_labels, write_labelmap
 from DiffusionSegLib.organs import ORGANS, match_organ, organ_by_label, terminology_entry
-from DiffusionSegLib.progress_parser import Message, ProgressUpdate
-from DiffusionSegLib.runner import BackgroundRun
-from DiffusionSegLib.uncertainty import rank_slices, read_report
-from DiffusionSegLib.writeback import axial_axis, painted_slices, prepare_annotation, write_back
+from DiffusionSegLib.writeback import prepare_annotation, write_back
 
 LIBRARY_PARENT = Path(__file__).resolve().parents[1]
 PAINTED = [3, 6, 9]  # array z slices the "user" paints
@@ -161,7 +162,7 @@ def test_prepare_annotation_and_write_back_keep_painted_slices(case, tmp_path):
     prediction = tmp_path / "prediction.seg.nrrd"
     code, events = run_engine(commands.segment_args(case["ct"], prediction, model=case["model"], device="cpu"))
     assert code == 0, events
-    merged, written = tmp_path / "merged.seg.nrrd", tmp_path / "written.nrrd"
+    merged, written = tmp_path / "merged.seg.nrrd", tmp_path / "written.npz"
     write_back(case["ct"], prediction, painted, merged, summary["slices"], written)
 
     merged_labels = sitk.GetArrayFromImage(read_labels(merged, ct))
@@ -170,7 +171,7 @@ def test_prepare_annotation_and_write_back_keep_painted_slices(case, tmp_path):
     others = [k for k in range(merged_labels.shape[0]) if k not in PAINTED]
     assert np.array_equal(merged_labels[others], predicted[others])
     assert len(slicerio.read_segmentation(str(merged))["segments"]) == len(ORGANS)  # all 13, ready to paint
-    assert np.array_equal(sitk.GetArrayFromImage(read_labels(written, ct)), merged_labels)
+    assert np.array_equal(load_written_labels(written, merged_labels.shape), merged_labels)
 
     # The user corrects slice 1 of the written-back result: slices 1 and the painted ones are annotated now.
     corrected = merged_labels.copy()
@@ -186,10 +187,13 @@ def test_prepare_annotation_and_write_back_keep_painted_slices(case, tmp_path):
     assert painted_slices(sitk.GetArrayFromImage(read_labels(again, ct)), 2) == sorted([1, *PAINTED])
 
     with pytest.raises(InputError, match="no annotated slice"):
-        prepare_annotation(case["ct"], written, tmp_path / "none.seg.nrrd", written_path=written)
+        prepare_annotation(case["ct"], merged, tmp_path / "none.seg.nrrd", written_path=written)  # nothing changed since
 
 
-def test_cancel_stops_the_engine_and_writes_nothing(case, tmp_path):
+@pytest.mark.parametrize("through_launcher", [False, True], ids=["python", "launcher"])
+def test_cancel_stops_the_engine_and_writes_nothing(case, tmp_path, through_launcher):
+    """Cancel during fine-tuning: the engine exits as cancelled and writes no model folder, also when it runs as the
+    child of a launcher (as under PythonSlicer), where the engine is a grandchild of the run."""
     import os
     import time
 
@@ -197,7 +201,11 @@ def test_cancel_stops_the_engine_and_writes_nothing(case, tmp_path):
     settings = commands.FinetuneSettings(strategy="fs", preset="tiny", iterations=100000)
     args = commands.finetune_args([case["ct"]], [case["labels"]], out, settings, device="cpu")
     env = commands.child_environment({**os.environ, "OMP_NUM_THREADS": "1"}, LIBRARY_PARENT)
-    run = BackgroundRun(commands.engine_command(sys.executable) + args, env=env)
+    prefix = []
+    if through_launcher:
+        (tmp_path / "launcher.py").write_text(LAUNCHER)
+        prefix = [sys.executable, str(tmp_path / "launcher.py")]
+    run = BackgroundRun(prefix + commands.engine_command(sys.executable) + args, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         step = run.poll()
@@ -206,7 +214,9 @@ def test_cancel_stops_the_engine_and_writes_nothing(case, tmp_path):
             break
         time.sleep(0.05)
     run.cancel()
-    result = run.wait(60)
-    assert result.returncode == commands.EXIT_CANCELLED and run.cancel_requested
+    result = run.wait(60)  # ends only once the engine has ended: it holds the output pipes
+    assert run.cancel_requested
+    if not through_launcher:  # the launcher itself is ended by the signal; the engine's status is its own
+        assert result.returncode == commands.EXIT_CANCELLED
     assert "cancelled" in commands.describe_exit(result.returncode, run.stderr_tail)
     assert not out.exists()

@@ -72,6 +72,21 @@ def test_prepare_resumes_without_redoing_work(slices_dir, tmp_path):
     assert train(["prepare", str(tmp_path), "-o", str(slices_dir), "--size", "128"]) == 2  # another preprocessing
 
 
+def test_precision_settings_stay_local():
+    """Importing the training CLI leaves PyTorch's TF32 settings alone; pretraining turns TF32 on only while it trains."""
+    script = ("import torch; before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32); import Training.cli; "
+              "assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before, before")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from Training.pretrain import tf32_matmuls
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with pytest.raises(RuntimeError), tf32_matmuls():
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        raise RuntimeError("a failed run restores them too")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
 def test_lr_decays_from_2e4_to_2e5():
     config = PretrainConfig(iterations=101)
     assert lr_at(0, config) == pytest.approx(2e-4) and lr_at(100, config) == pytest.approx(2e-5)
@@ -235,7 +250,9 @@ def test_sample_defaults_to_the_full_ddpm_sampler(short_run, tmp_path, capsys):
 def test_best_fid_checkpoint_is_found_and_exported(short_run, slices_dir, random_inception, tmp_path, capsys):
     evaluate = ["evaluate-generation", "--run", str(short_run), "--reference", str(slices_dir), "--count", "4", "--max-reference", "6",
                 "--inception-weights", str(random_inception), "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    precision = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     assert train(evaluate) == 0
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == precision  # TF32 off only while it measured
     record = json.loads((short_run / "fid.json").read_text())
     assert sorted(record["checkpoints"], key=int) == ["2", "4", "6"]
     assert record["settings"]["sampler"] == "ddpm" and record["settings"]["steps"] == 10 and record["settings"]["count"] == 4

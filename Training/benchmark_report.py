@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw
 
+from DiffusionSegLib.atomic import atomic_path, write_text
 from DiffusionSegLib.organs import ORGANS
 from DiffusionSegLib.preprocessing import PreprocessingSpec, labels_to_model_space, to_model_space
 
@@ -220,9 +220,7 @@ def write_report(out_dir: Path, results: dict, summary: dict, figures: list[Path
     json_path = out_dir / "report.json"
     md_path = out_dir / "report.md"
     for path, text in ((json_path, json.dumps({**results, "summary": summary}, indent=1)), (md_path, markdown(results, summary, figures))):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, text + "\n")
     return md_path, json_path
 
 
@@ -250,9 +248,8 @@ def overlay_figure(ct: sitk.Image, labels: sitk.Image, predictions: dict[str, si
     for i, (title, panel) in enumerate(panels):
         canvas.paste(Image.fromarray(panel), (i * size, 16))
         draw.text((i * size + 4, 2), title, fill="black")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp)
     return path
 
 

@@ -11,12 +11,13 @@ from pathlib import Path
 
 from DiffusionSegLib import __version__
 from DiffusionSegLib.errors import InputError
-from DiffusionSegLib.models import ModelCard, now_iso, save_model
+from DiffusionSegLib.models import ModelCard, is_bare_name, now_iso, portable_path, save_model
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from DiffusionSegLib.unet import UNetConfig
 
 from .checkpoint import PREFIX, complete_checkpoints, load_checkpoint
 from .generation_metrics import FID_FILE, best_fid_step
+from .model_cards import data_sources
 
 
 def kept_checkpoints(run_dir: Path) -> dict[int, Path]:
@@ -61,6 +62,14 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, hal
     report = {}
     if (data_dir / "report.json").is_file():
         report = json.loads((data_dir / "report.json").read_text())
+    skipped = [{"source": portable_path(s["source"]), "reason": s["reason"].replace(s["source"], portable_path(s["source"]))}
+               for s in report.get("skipped", [])]
+    data = {"slices_dir": portable_path(data_dir), "volumes": report.get("volumes"), "slices": report.get("slices"), "skipped": skipped}
+    config = dict(state["config"])
+    if config.get("init") and not is_bare_name(config["init"]):
+        config["init"] = portable_path(config["init"])  # --init given as a folder: its name, not this machine's path
+    if (data_dir / "index.json").is_file():  # the volumes it was prepared from, by name and licence: the card holds no path of this machine
+        data["sources"] = data_sources([v["source"] for v in json.loads((data_dir / "index.json").read_text())["volumes"]])
     card = ModelCard(
         kind="pretrained",
         unet=UNetConfig.from_dict(state["unet"]),
@@ -72,7 +81,7 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, hal
             "created": now_iso(),
             "diffusionseg_version": __version__,
             "weights": "EMA",
-            "run": str(run_dir.resolve()),
+            "run": portable_path(run_dir),
             "checkpoint": chosen.name,
             "selected_by": {None: "latest", "latest": "latest", "best": "lowest FID"}.get(checkpoint, "step"),
             "generation_metrics": _fid_of(run_dir, saved.step),
@@ -80,9 +89,8 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, hal
             "final_loss": state.get("final_loss"),
             "training_seconds": state.get("history", {}).get("seconds"),
             "hardware": state.get("hardware"),
-            "data": {"slices_dir": str(data_dir), "volumes": report.get("volumes"), "slices": report.get("slices"),
-                     "skipped": report.get("skipped", [])},
-            "config": state["config"],
+            "data": data,
+            "config": config,
         },
     )
     return save_model(out, card, saved.ema, half=half)

@@ -7,7 +7,6 @@ first 7 channels of mixed_6/conv, precision and recall of Kynkäänniemi et al. 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from DiffusionSegLib.atomic import write_text
 from DiffusionSegLib.errors import InputError
 
 from .inception import FIDInception, to_inception_input
@@ -243,9 +243,7 @@ def record_fids(run_dir: Path, settings: dict, results: dict[int, GenerationMetr
     best = min(entries, key=lambda step: entries[step]["fid"])
     record = {"settings": settings, "checkpoints": dict(sorted(entries.items(), key=lambda kv: int(kv[0]))),
               "best": {"step": int(best), "fid": entries[best]["fid"]}}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(record, indent=1) + "\n")
     return record
 
 

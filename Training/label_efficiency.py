@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ import SimpleITK as sitk
 import torch
 
 from DiffusionSegLib.annotations import annotated_input_slices, organs_in
+from DiffusionSegLib.atomic import atomic_path, write_text
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.finetune import FinetuneConfig, finetune
 from DiffusionSegLib.inference import segment_ct
@@ -469,7 +469,7 @@ def run_benchmark(
         if run.budget == config.budgets[0] and run.seed == config.seeds[0]:  # kept for the overlay figures
             for ct, _ in task.tests:
                 _write_atomic_image(predictions[ct.name], ct.labels, prediction_path(runs_dir, run, ct.name))
-        _write_atomic_text(path, json.dumps(record, indent=1))
+        write_text(path, json.dumps(record, indent=1) + "\n")
         records.append(record)
         if on_run:
             on_run(run, record, False)
@@ -484,18 +484,11 @@ def run_benchmark(
     }
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_atomic_image(array: np.ndarray, like: sitk.Image, path: Path) -> None:
     image = sitk.GetImageFromArray(array.astype(np.uint8))
     image.CopyInformation(like)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    sitk.WriteImage(image, str(tmp), useCompression=True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
 
 
 # --- summary -----------------------------------------------------------------------------------------

@@ -6,13 +6,17 @@ The training commands already record what they can see (iterations, seconds, har
 input files). What they cannot know is where the data came from and under which terms, and how the
 model does on patients it never saw; `Training.model_figures` measures that, and this writes it into
 `model.json` (weights untouched, written atomically). `--cleanup` makes per-organ cleanup the
-segmentor's default (`postprocessing`), to be given only when the figures show it helps.
+segmentor's default (`postprocessing`), to be given only when the figures show it helps. Any absolute
+path of the training machine left in a card (written by an older version) becomes its folder and file
+name, as the training commands now record them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import ntpath
+import posixpath
 import sys
 from pathlib import Path
 
@@ -48,6 +52,17 @@ def data_sources(paths: list[str]) -> list[dict]:
     return list(seen.values())
 
 
+def portable_provenance(value: object) -> object:
+    """`value` with every absolute path string (POSIX or Windows) replaced by its folder and file name (`portable_path`)."""
+    if isinstance(value, dict):
+        return {k: portable_provenance(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_provenance(v) for v in value]
+    if isinstance(value, str) and (posixpath.isabs(value) or ntpath.isabs(value)):
+        return "/".join(value.replace("\\", "/").rstrip("/").split("/")[-2:])
+    return value
+
+
 def held_out_metrics(figures: dict) -> dict:
     """Leave-one-patient-out DSC of the all-slices models (with and without cleanup) and the 4-slice runs."""
     out: dict = {}
@@ -76,10 +91,11 @@ def complete_pretrained(folder: Path, grown_from: Path | None) -> None:
                                          "preprocessing": start["preprocessing"], **{k: start["provenance"].get(k) for k in keep}}
     data = card.provenance.setdefault("data", {})
     index = Path(data.get("slices_dir", "")) / "index.json"
-    if index.is_file():  # the slice dataset lists every volume it was prepared from
+    if "sources" not in data and index.is_file():  # cards exported before export recorded the sources: the slice dataset lists them
         data["sources"] = data_sources([v["source"] for v in json.loads(index.read_text())["volumes"]])
     card.provenance["licence_note"] = ("weights trained on IRCAD data (research use with citation) are for non-commercial use; "
                                       "the other scans are CC BY 4.0, Apache-2.0 or MIT")
+    card.provenance = portable_provenance(card.provenance)
     save_model(folder, card, read_weights(folder), half=True)
 
 
@@ -93,6 +109,7 @@ def complete_segmentor(folder: Path, figures: dict, cleanup: bool) -> None:
         **held_out_metrics(figures),
     }
     card.postprocessing = {"cleanup": True} if cleanup else {}
+    card.provenance = portable_provenance(card.provenance)
     save_model(folder, card, read_weights(folder), half=True)
 
 

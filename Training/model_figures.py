@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from DiffusionSegLib.annotations import annotated_input_slices
+from DiffusionSegLib.atomic import atomic_path, write_text
 from DiffusionSegLib.imageio import read_ct, read_labels
 from DiffusionSegLib.models import read_card, resolve_model
 from DiffusionSegLib.preprocessing import Grid, model_grid
@@ -94,9 +94,7 @@ class Figures:
 
     def save(self, key: str, record: dict) -> None:
         self.results[key] = record
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.results, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps(self.results, indent=1) + "\n")
         summary = {k: v for k, v in record.items() if k.endswith("dsc") or k in ("train_seconds",)}
         print(key, json.dumps(summary), flush=True)
 
@@ -162,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         painted_slices = organ_cover(labels, axes[name])
         painted = out / f"{name}-4-slices.nii.gz"
-        if not painted.exists():
-            sitk.WriteImage(only_slices(labels, painted_slices, axes[name]), str(painted), useCompression=True)
+        if not painted.exists():  # atomic: a file cut short by a kill would otherwise be reused next time
+            with atomic_path(painted) as tmp:
+                sitk.WriteImage(only_slices(labels, painted_slices, axes[name]), str(tmp), useCompression=True)
         if "four-slice" in args.cases:
             train_and_score(f"{name}-4-ft-dec", name, painted, painted_slices, ["--base", str(pretrained)])
             train_and_score(f"{name}-4-fs", name, painted, painted_slices, ["--base", str(pretrained), "--strategy", "fs"])
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             key = f"{name}-all-ft-dec"
             fresh = out / "fresh-augmentation.json"  # no fixed pool: 180 slices would get no augmented copies under the cache cap
-            fresh.write_text(json.dumps({"cache_copies": 0}) + "\n")
+            write_text(fresh, json.dumps({"cache_copies": 0}) + "\n")
             options = ["--base", str(pretrained), "--iterations", str(args.segmentor_iterations), "--batch-size", str(args.segmentor_batch),
                        "--patience", "0", "--config", str(fresh)]
             labels_path = next(p for n, _, p in args.ct if n == name)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from DiffusionSegLib.atomic import remove_leftovers, write_text
+from DiffusionSegLib.dicom import dicom_series
 from DiffusionSegLib.errors import InputError
-from DiffusionSegLib.imageio import LABELMAP_SUFFIXES, SEGMENTATION_SUFFIX, dicom_series, read_ct
+from DiffusionSegLib.imageio import LABELMAP_SUFFIXES, SEGMENTATION_SUFFIX, read_ct
 from DiffusionSegLib.preprocessing import PreprocessingSpec, to_model_space
 
 from .shards import INDEX_FILE, SliceIndex, read_index, write_index, write_shard
@@ -91,8 +93,10 @@ def prepare(inputs: list[str], out_dir: str | Path, spec: PreprocessingSpec, wor
     done = {v["source"] for v in index.volumes}
     todo = [s for s in find_sources(inputs) if s not in done]
     index.skipped = [s for s in index.skipped if s["source"] not in todo]  # retried now
+    remove_leftovers(out_dir)  # temporary shards of a run killed with -9
     bar = tqdm(total=len(todo), desc="prepare", unit="volume", disable=not show_progress)
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ProcessPoolExecutor(max_workers=max(1, workers))
+    try:
         futures = [pool.submit(_work, source, spec, out_dir) for source in todo]
         for future in as_completed(futures):
             source, entry, reason = future.result()
@@ -104,9 +108,14 @@ def prepare(inputs: list[str], out_dir: str | Path, spec: PreprocessingSpec, wor
             index.volumes.sort(key=lambda v: v["source"])
             write_index(out_dir, index)  # after every volume, so an interrupted run resumes here
             bar.update()
+    except BaseException:
+        # Ctrl-C or SIGTERM: volumes not started are dropped, those being written finish (or, if their worker was killed too,
+        # leave a temporary file removed here); the index lists complete shards only.
+        pool.shutdown(wait=True, cancel_futures=True)
+        remove_leftovers(out_dir)
+        raise
+    pool.shutdown()
     bar.close()
     write_index(out_dir, index)
-    (out_dir / "report.json").write_text(
-        json.dumps({"volumes": len(index.volumes), "slices": index.num_slices, "skipped": index.skipped}, indent=1) + "\n"
-    )
+    write_text(out_dir / "report.json", json.dumps({"volumes": len(index.volumes), "slices": index.num_slices, "skipped": index.skipped}, indent=1) + "\n")
     return index

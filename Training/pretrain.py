@@ -14,8 +14,10 @@ import json
 import math
 import os
 import signal
+import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -24,13 +26,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from DiffusionSegLib.atomic import write_text
 from DiffusionSegLib.devices import describe_hardware
 from DiffusionSegLib.diffusion import GaussianDiffusion
 from DiffusionSegLib.errors import InputError
+from DiffusionSegLib.memory import default_workers, fit_batch, measure_step, out_of_memory_message
 from DiffusionSegLib.models import load_unet, resolve_model
 from DiffusionSegLib.unet import PRESETS, UNetConfig, UNetModel, count_parameters, preset_config
 
-from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, latest_checkpoint, load_latest_checkpoint, save_checkpoint
 from .samples import save_sample_grid
 from .shards import SliceDataset
 
@@ -56,7 +60,7 @@ class PretrainConfig:
     sample_count: int = 16
     sample_steps: int = 50
     log_every: int = 50
-    workers: int = 4
+    workers: int | None = None  # data loader processes; default 4, at most the available cores
     seed: int = 0
     bf16: bool = True  # on CUDA with bf16 support; ignored elsewhere
     channels_last: bool = False
@@ -170,7 +174,10 @@ def _check_resume(run_dir: Path, config: PretrainConfig, resume: bool) -> Path |
         return None
     if not resume:
         raise InputError(f"{run_dir}: already holds checkpoints (latest {latest.name}); pass --resume to continue, or choose a new --out")
-    saved = json.loads((latest / "state.json").read_text())["config"]
+    try:
+        saved = json.loads((latest / "state.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError):
+        return latest  # damaged: load_latest_checkpoint says so and falls back to an earlier one
     if saved["preset"] != config.preset:
         raise InputError(f"{run_dir}: was trained with preset {saved['preset']}; resuming with --preset {config.preset} is not possible")
     return latest
@@ -188,11 +195,24 @@ def _initialise_from(model: UNetModel, init: str, unet_config: UNetConfig) -> No
     model.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
 
 
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a line cut short by a kill: dropped
+
+
 class MetricsLog:
     """metrics.jsonl (always) and TensorBoard (if installed), rank 0 only."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+    def __init__(self, run_dir: Path, step: int = 0) -> None:
+        path = run_dir / "metrics.jsonl"
+        if path.is_file():  # records past the resumed checkpoint (a kill -9 after it) would be logged twice: the curve continues from `step`
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if _record_step(line) <= step]
+            if len(kept) != len(lines):
+                write_text(path, "".join(line + "\n" for line in kept))
+        self.file = path.open("a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -214,18 +234,41 @@ class MetricsLog:
             self.tensorboard.close()
 
 
-def pretrain(data: str | Path, run_dir: str | Path, config: PretrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
-    """Train (or continue training) a noise predictor; returns a summary of the run."""
+class TrainingStopped(InputError):
+    """Training cannot go on (the loss diverged, the GPU ran out of memory); the last good checkpoint is kept."""
+
+
+def pretrain(data: str | Path, run_dir: str | Path, config: PretrainConfig, resume: bool = False, show_progress: bool = True,
+             fit_batch_size: bool = False) -> dict:
+    """Train (or continue training) a noise predictor; returns a summary of the run.
+
+    `fit_batch_size`: the batch size was not chosen by the user, so on the CPU a smaller one that fits in memory may be taken.
+    """
     data, run_dir = Path(data), Path(run_dir)
     env = setup_distributed()
     try:
-        return _train(data, run_dir, config, resume, show_progress, env)
+        with tf32_matmuls():
+            return _train(data, run_dir, config, resume, show_progress, env, fit_batch_size)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show_progress: bool, env: Distributed) -> dict:
+def _guard_memory(model: UNetModel, diffusion: GaussianDiffusion, config: PretrainConfig, size: int, device: torch.device, env: Distributed,
+                  may_lower: bool, run_dir: Path, bf16: bool) -> int:
+    """The batch size a step fits with (see DiffusionSegLib.memory), measured before the first step in the precision training uses."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        memory = measure_step(model, lambda: diffusion.training_loss(model, torch.zeros(1, 1, size, size, device=device)))
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)) if device.type == "cpu" else 1
+    decision = fit_batch(memory, config.batch_size, device, may_lower=may_lower and device.type == "cpu" and env.world_size == 1,
+                         what=f"pretrain {run_dir}", processes=processes)
+    if decision.note and env.main:
+        print(decision.note, file=sys.stderr)
+    return decision.batch_size
+
+
+def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show_progress: bool, env: Distributed,
+           fit_batch_size: bool = False) -> dict:
     dataset = _check_data(data, config)
     latest = _check_resume(run_dir, config, resume)
     device = _device(env)
@@ -241,9 +284,16 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
     fused = config.fused_adam and device.type == "cuda"
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused or None)
     diffusion = GaussianDiffusion(config.schedule, config.num_timesteps)
+    bf16 = config.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    batch_size = _guard_memory(model, diffusion, config, unet_config.image_size, device, env, fit_batch_size, run_dir, bf16)
+    # What actually runs, recorded as such in config.json and the checkpoints.
+    config = replace(config, batch_size=batch_size, bf16=bf16, fused_adam=fused,
+                     workers=default_workers() if config.workers is None else config.workers)
     step, history = 0, {"seconds": 0.0}
     if latest is not None:
-        saved = load_checkpoint(latest)
+        saved = load_latest_checkpoint(run_dir / "checkpoints", warn=lambda text: print(text, file=sys.stderr) if env.main else None)
+        if saved is None:
+            raise InputError(f"{run_dir / 'checkpoints'}: no checkpoint reads back whole (each is damaged); start a new run with another --out")
         model.load_state_dict(saved.model)
         ema.load_state_dict(saved.ema)
         optimizer.load_state_dict(saved.optimizer)
@@ -259,15 +309,15 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
     )
     if len(loader) == 0:
         raise InputError(f"{data}: {len(dataset)} slices are fewer than one batch of {config.batch_size} x {env.world_size} processes; lower --batch-size")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     ema_params, params = list(ema.parameters()), list(model.parameters())
 
     if env.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_dir) if env.main else None
+    log = MetricsLog(run_dir, step) if env.main else None
     if env.main:
-        (run_dir / "config.json").write_text(json.dumps({"config": asdict(config), "data": str(data.resolve()), "unet": unet_config.to_dict(),
-                                                          "parameters": count_parameters(model), "world_size": env.world_size}, indent=1) + "\n")
+        write_text(run_dir / "config.json", json.dumps({"config": asdict(config), "data": str(data.resolve()), "unet": unet_config.to_dict(),
+                                                        "parameters": count_parameters(model), "world_size": env.world_size}, indent=1) + "\n")
     bar = tqdm(total=config.iterations, initial=step, desc="pretrain", disable=not (show_progress and env.main), dynamic_ncols=True)
     epoch = step // len(loader)
     skip = step % len(loader)  # resume mid-epoch on the same data order
@@ -300,11 +350,17 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
                     x0 = x0.contiguous(memory_format=torch.channels_last)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, config)
-                with autocast:
-                    loss = diffusion.training_loss(forward, x0)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                try:
+                    with autocast:
+                        loss = diffusion.training_loss(forward, x0)
+                    if not torch.isfinite(loss.detach()):  # before the update: the weights stay those of the last good step
+                        raise TrainingStopped(f"pretrain {run_dir}: the loss became {float(loss.detach())} at step {step + 1}; stopped without "
+                                              f"updating the weights; {_kept(run_dir)}; resume with --resume and a lower --lr")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                except torch.cuda.OutOfMemoryError as e:
+                    raise TrainingStopped(out_of_memory_message(f"pretrain {run_dir}", step + 1, x0.shape[0], _kept(run_dir))) from e
                 update_ema(ema_params, params, ema_decay_at(step, config))
                 step += 1
                 last_loss = float(loss.detach())
@@ -334,6 +390,11 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
     return {"step": step, "stopped_by": stopped_by, "final_loss": last_loss}
 
 
+def _kept(run_dir: Path) -> str:
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    return f"the last checkpoint {latest} is kept" if latest else "no checkpoint had been saved yet"
+
+
 def _agree(flag: bool, env: Distributed, device: torch.device) -> bool:
     """True on every rank if any rank was asked to stop, so all ranks stop at the same step."""
     if env.world_size == 1:
@@ -343,6 +404,13 @@ def _agree(flag: bool, env: Distributed, device: torch.device) -> bool:
     return bool(value.item())
 
 
-with contextlib.suppress(Exception):  # speed up fp32 matmuls on Ampere+ without changing results materially
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
+    """TF32 matmuls and convolutions (faster fp32 on Ampere+ GPUs, fine for training) inside the block only, so importing this
+    module or evaluating generation (Inception features) keeps PyTorch's own settings."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from DiffusionSegLib.atomic import atomic_path
 from DiffusionSegLib.diffusion import GaussianDiffusion
 from DiffusionSegLib.unet import UNetConfig, UNetModel
 
@@ -79,10 +79,8 @@ def grid_image(samples: np.ndarray, columns: int = 8) -> np.ndarray:
 
 def save_grid(samples: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    Image.fromarray(grid_image(samples)).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid_image(samples)).save(tmp)
     return path
 
 

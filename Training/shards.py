@@ -8,7 +8,6 @@ below the CT noise, so nothing the network could learn is lost.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from DiffusionSegLib.atomic import atomic_path, write_text
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 
 INDEX_FILE = "index.json"
@@ -56,17 +56,13 @@ def read_index(folder: str | Path) -> SliceIndex:
 
 def write_index(folder: str | Path, index: SliceIndex) -> None:
     """Atomic: a crash while writing leaves the previous index."""
-    path = Path(folder) / INDEX_FILE
-    tmp = path.with_name(f".{INDEX_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(index.to_dict(), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(Path(folder) / INDEX_FILE, json.dumps(index.to_dict(), indent=1) + "\n")
 
 
 def write_shard(path: Path, slices: np.ndarray) -> None:
     """Write N x S x S slices as float16 atomically (the index only lists shards that are complete)."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
-    np.save(tmp, slices.astype(np.float16))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, slices.astype(np.float16))
 
 
 class SliceDataset(Dataset):

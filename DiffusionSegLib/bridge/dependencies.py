@@ -1,4 +1,4 @@
-"""The Python packages the engine needs inside 3D Slicer, and which of them are missing.
+"""The Python packages the engine needs inside 3D Slicer, which of them are missing, and when a restart is due.
 
 Slicer ships numpy, SimpleITK and requests with its own builds; replacing them breaks other modules, so
 they are never installed or upgraded: they are pinned in a pip constraints file for every install. torch
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 # distribution name, minimum version: the engine's runtime dependencies (pyproject.toml) except the three below
@@ -19,7 +19,8 @@ REQUIREMENTS: tuple[tuple[str, str], ...] = (
     ("tqdm", "4.60"),
     ("platformdirs", "3"),
     ("scikit-image", "0.21"),
-    ("pyyaml", "6"),
+    ("scipy", "1.8"),
+    ("Pillow", "9"),
 )
 TORCH_MINIMUM = "2.2"
 PROTECTED = ("numpy", "SimpleITK", "requests")  # Slicer's own; pinned, never replaced
@@ -88,3 +89,20 @@ def constraints(version_of: Callable[[str], str | None] = installed_version) -> 
         if version is not None:
             lines.append(f"{name}=={version}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+# Distribution name -> the module it is imported as, to tell whether an upgraded package is already loaded.
+IMPORT_NAMES = {"scikit-image": "skimage", "pyyaml": "yaml", "Pillow": "PIL"}
+
+
+def import_name(distribution: str) -> str:
+    return IMPORT_NAMES.get(distribution, distribution)
+
+
+def loaded_upgrades(missing: Iterable[Missing], loaded_modules: Collection[str]) -> list[Missing]:
+    """The `missing` packages that are installed in an older version and already imported in this session.
+
+    Upgrading them on disk leaves the old version in memory (mixed with new files imported later) until
+    Slicer restarts, so the module asks for a restart after installing them.
+    """
+    return [m for m in missing if m.installed is not None and import_name(m.name) in loaded_modules]

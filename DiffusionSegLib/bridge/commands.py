@@ -8,6 +8,7 @@ module only builds argument lists, environments and names; it imports neither to
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
 import re
@@ -170,3 +171,27 @@ def describe_exit(code: int, stderr_tail: str = "") -> str:
 def is_out_of_memory(text: str) -> bool:
     """Whether engine output reports that the GPU ran out of memory (the module then offers a CPU retry)."""
     return any(marker in text for marker in OUT_OF_MEMORY_MARKERS)
+
+
+# Which accelerators torch sees, asked in a child process: importing torch in Slicer's GUI thread takes
+# seconds, and a broken torch install would stop the panel from loading.
+DEVICE_PROBE = (
+    "import json, torch; mps = getattr(torch.backends, 'mps', None); "
+    "print(json.dumps({'device_probe': 1, 'cuda': torch.cuda.is_available(), 'mps': bool(mps and mps.is_available())}))"
+)
+
+
+def device_probe_args() -> list[str]:
+    """Arguments after the Python executable that print one JSON line: ``{"device_probe": 1, "cuda": bool, "mps": bool}``."""
+    return ["-c", DEVICE_PROBE]
+
+
+def parse_device_probe(text: str) -> dict[str, bool] | None:
+    """{"cuda": ..., "mps": ...} from the probe's output line; None for any other line."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("device_probe") != 1:
+        return None
+    return {"cuda": record.get("cuda") is True, "mps": record.get("mps") is True}

@@ -1,0 +1,19 @@
+"""What 3D Slicer's own Python loads: the engine's Slicer side, importable with only the standard library and numpy.
+
+The module must load, list models and count painted slices before torch, SimpleITK extras or slicerio are
+installed, and a broken torch must not stop the panel from appearing. So everything the module needs on
+its GUI path lives here and imports nothing beyond the standard library, numpy and the stdlib-only
+`DiffusionSegLib.organs` (a test imports this package with torch, SimpleITK and slicerio blocked):
+
+- `commands`: engine command lines, child environment, exit messages;
+- `runner`: the background engine process, cancelled as a whole process tree;
+- `progress_parser`: the engine's ``--progress json`` lines as events;
+- `dependencies`: which Python packages are missing, pip constraints, restart after upgrades;
+- `annotation`: painted slices, write-back merging, the labels last written back;
+- `uncertainty`: reading the uncertainty report and ranking slices;
+- `model_cards`: bundled and user models found by reading ``model.json``;
+- `statistics`: per-organ volumes from Slicer's Segment Statistics results;
+- `sample`: the bundled sample CT for Slicer's Sample Data module.
+
+The heavy work (reading images, networks, writing results) runs in a child process; see `DiffusionSegLib.cli`.
+"""
