@@ -104,13 +104,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     .zraw) move along, the named file last. A missing output folder is created.
     """
     path = Path(path).expanduser()
-    _make_parent(path)
-    staging = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        staging.mkdir()
-    except OSError as e:
-        raise write_error(path, e) from e
-    try:
+    with _staging(path) as staging:
         tmp = staging / path.name
         yield tmp
         if not tmp.exists():
@@ -122,12 +116,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 os.replace(companion, path.parent / companion.name)
         os.replace(tmp, path)
         _fsync_folder(path.parent)
-    except Exception as e:
-        if not isinstance(e, WriteError) and (code := disk_errno(e, path.parent)):
-            raise write_error(path, e, code) from e
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_bytes(path: str | Path, content: bytes) -> Path:
@@ -150,22 +138,29 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     reader sees the old folder or the new one, never a mix. Every file is flushed to disk first.
     """
     folder = Path(folder).expanduser()
-    _make_parent(folder)
-    staging = folder.with_name(f".{folder.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        staging.mkdir()
-    except OSError as e:
-        raise write_error(folder, e) from e
-    try:
+    with _staging(folder) as staging:
         yield staging
         for written in staging.rglob("*"):
             if written.is_file():
                 _fsync_file(written)
         _replace_folder(staging, folder)
         _fsync_folder(folder.parent)
+
+
+@contextlib.contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A hidden folder beside `target`, always removed afterwards; disk errors inside become a WriteError naming `target`."""
+    _make_parent(target)
+    staging = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        staging.mkdir()
+    except OSError as e:
+        raise write_error(target, e) from e
+    try:
+        yield staging
     except Exception as e:
-        if not isinstance(e, WriteError) and (code := disk_errno(e, folder.parent)):
-            raise write_error(folder, e, code) from e
+        if not isinstance(e, WriteError) and (code := disk_errno(e, target.parent)):
+            raise write_error(target, e, code) from e
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -201,9 +196,15 @@ def remove_leftovers(folder: str | Path, prefix: str = "") -> list[Path]:
     removed = []
     if folder.is_dir():
         for stray in folder.glob(f".{prefix}*{TEMP_MARK}*"):
-            if stray.is_dir():
-                shutil.rmtree(stray, ignore_errors=True)
-            else:
-                stray.unlink(missing_ok=True)
+            remove(stray)
             removed.append(stray)
     return removed
+
+
+def remove(path: str | Path) -> None:
+    """Delete a file or a folder tree, whichever `path` is; nothing there is fine."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -15,7 +15,6 @@ packages are installed; everything here also runs before that, e.g. for the anno
 
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 from collections.abc import Collection, Iterable, Sequence
@@ -190,9 +189,6 @@ def prune_written_labels(folder: str | Path, keep: Collection[str | Path] = (), 
         else:
             continue  # not ours
         if path.stat().st_mtime < now - days * 86400:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            atomic.remove(path)
             deleted.append(path)
     return deleted
