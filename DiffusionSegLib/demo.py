@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
-SAMPLE_CT = SAMPLE_DIR / "abdomen-ct-a.nii.gz"
+from .bridge.sample import sample_path
+
+SAMPLE_CT = sample_path()  # one place says where the sample is, for the demo and for Slicer's Sample Data
 DEFAULT_OUTPUT_DIR = "diffusionseg-demo"
 
 

@@ -1,7 +1,7 @@
 """Held-out figures of a pretrained model as a user meets it: the `diffusionseg` commands with their defaults.
 
     python -m Training.model_figures --pretrained MODEL --ct NAME CT LABELS --ct NAME CT LABELS -o OUT
-        [--cases four-slice adapt segmentor] [--adapt 120] [--segmentor-iterations 300]
+        [--cases four-slice adapt segmentor] [--adapt 120] [--segmentor-iterations 300] [--segmentor-continue 500]
 
 For every labelled CT X (two or more):
 
@@ -14,10 +14,12 @@ For every labelled CT X (two or more):
 - segmentor: FT-dec on all labelled slices of X with the bundled segmentor's settings (fresh
   augmentation every iteration), scored on the
   other CTs (leave-one-patient-out: the figure the default model, trained on all CTs, is judged by),
-  with and without ``--cleanup``.
+  with and without ``--cleanup``. ``--segmentor-continue N`` then continues that model for N more
+  iterations (``finetune --base`` the first model), as the bundled segmentor was trained, and scores it too.
 
 Every case runs the real commands in child processes and is written to OUT/figures.json as it ends,
-so a stopped run resumes; models and segmentations are kept under OUT/.
+so a stopped run resumes; models and segmentations are kept under OUT/, and a model folder already
+there (a run stopped after training) is scored rather than trained again.
 """
 
 from __future__ import annotations
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapt", type=float, default=120.0, help="seconds of DDPM adaptation in the adapt case (default 120)")
     parser.add_argument("--segmentor-iterations", type=int, default=300, help="FT-dec iterations for the all-slices models (default 300)")
     parser.add_argument("--segmentor-batch", type=int, default=8, help="batch for the all-slices models (default 8)")
+    parser.add_argument("--segmentor-continue", type=int, default=0,
+                        help="then continue each all-slices model for this many iterations and score it too (default 0: no)")
     parser.add_argument("--train-on", nargs="+", help="only the models trained on these CTs (default: every CT)")
     parser.add_argument("--quick", action="store_true", help="2 iterations everywhere: a smoke run of the pipeline, not a figure")
     args = parser.parse_args(argv)
@@ -146,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             return
         model = out / key
         quick = ["--iterations", "2"] if args.quick else []
-        seconds = run_command(["finetune", "--image", cts[ct_name][0], "--labels", str(labels_file), "-o", str(model), *options, *quick],
-                              out / f"{key}.log")
+        if (model / "model.json").is_file():  # trained before the run stopped: score it, its card says how long it took
+            seconds = read_card(model).provenance.get("seconds") or 0.0
+        else:
+            seconds = run_command(["finetune", "--image", cts[ct_name][0], "--labels", str(labels_file), "-o", str(model), *options, *quick],
+                                  out / f"{key}.log")
         record = evaluate_model(model, key, cts, axes, {ct_name: train_slices}, out)
         card = read_card(model)
         record.update(summarise(record, ct_name), trained_on=ct_name, train_slices=train_slices, train_seconds=round(seconds, 1),
@@ -181,11 +188,18 @@ def main(argv: list[str] | None = None) -> int:
                        "--patience", "0", "--config", str(fresh)]
             labels_path = next(p for n, _, p in args.ct if n == name)
             train_and_score(key, name, Path(labels_path), annotated_input_slices(labels, axes[name]), options)
-            cleaned = f"{key}-cleanup"
-            if not figures.done(cleaned):
-                record = evaluate_model(out / key, cleaned, cts, axes, {}, out, ["--cleanup"])
-                record.update(summarise(record, name), trained_on=name)
-                figures.save(cleaned, record)
+            keys = [key]
+            if args.segmentor_continue:
+                more = ["--base", str(out / key), *options[2:]]  # options start with --base PRETRAINED
+                more[more.index("--iterations") + 1] = str(args.segmentor_continue)
+                keys.append(f"{key}+{args.segmentor_continue}")
+                train_and_score(keys[-1], name, Path(labels_path), annotated_input_slices(labels, axes[name]), more)
+            for trained in keys:
+                cleaned = f"{trained}-cleanup"
+                if not figures.done(cleaned):
+                    record = evaluate_model(out / trained, cleaned, cts, axes, {}, out, ["--cleanup"])
+                    record.update(summarise(record, name), trained_on=name)
+                    figures.save(cleaned, record)
     return 0
 
 
