@@ -261,6 +261,15 @@ def _check_adapt(args: argparse.Namespace) -> None:
         raise InputError("--adapt: fs trains from random weights, so there is no pretrained backbone to adapt; drop --adapt or use --strategy ft-dec or lp")
 
 
+def _base_record(base_path: Path, base_card: ModelCard) -> dict:
+    """What the new card says of its base. A fine-tuned base keeps its own training record (metrics dropped: they
+    describe the base, not this model), so a model continued in stages tells its whole recipe."""
+    record = {"path": portable_path(base_path), "name": base_card.name, "kind": base_card.kind}
+    if base_card.kind == "segmentor":
+        record["provenance"] = {k: v for k, v in base_card.provenance.items() if k != "metrics"}
+    return record
+
+
 def _adapt(args: argparse.Namespace, segmentor: Segmentor, base_card: ModelCard, base_path: Path | None, cts: list[sitk.Image], seed: int,
            device: torch.device, progress: Progress) -> dict | None:
     """Continue the base's DDPM training on every slice of the CTs and give `segmentor` the adapted backbone.
@@ -357,7 +366,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         provenance={
             "created": now_iso(),
             "diffusionseg_version": __version__,
-            "base": None if base_path is None else {"path": portable_path(base_path), "name": base_card.name, "kind": base_card.kind},
+            "base": None if base_path is None else _base_record(base_path, base_card),
             "adaptation": adaptation,
             "data": data,
             "training_slices": slices.summary(),

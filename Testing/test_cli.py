@@ -133,7 +133,10 @@ def test_finetune_ft_dec_from_pretrained_with_seg_nrrd(tiny_pretrained, phantom_
     code, _, err = run(["finetune", "--image", phantom_files["ct"], "--labels", painted, "-o", again, "--base", out,
                         "--iterations", "2", "--progress", "none"], capsys)
     assert code == 0, err
-    assert json.loads((again / "model.json").read_text())["provenance"]["base"]["kind"] == "segmentor"
+    base_record = json.loads((again / "model.json").read_text())["provenance"]["base"]
+    assert base_record["kind"] == "segmentor"
+    # The first stage's record travels along, so the card tells the whole recipe (its base, its iterations).
+    assert base_record["provenance"]["base"]["name"] == "test-random-tiny" and base_record["provenance"]["iterations"] == 4
 
 
 def test_evaluate(phantom_files, tmp_path, capsys):

@@ -276,8 +276,16 @@ def test_finetune_refuses_a_batch_that_does_not_fit(phantom_files, tmp_path, cap
 # --- SIGTERM / Ctrl-C: earlier outputs intact, no temporary files --------------------------------------------------
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler, even when the test run was started in the background (which leaves SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_stop_while_segment_writes(signum, segmentor_model, phantom_files, tmp_path, capsys, monkeypatch):
+def test_stop_while_segment_writes(signum, ctrl_c_raises, segmentor_model, phantom_files, tmp_path, capsys, monkeypatch):
     out = tmp_path / "result.nii.gz"
     out.write_bytes(b"earlier result")
     signal_self_on_call(sitk, "WriteImage", monkeypatch, signum=signum)
