@@ -9,11 +9,12 @@
 # 2. pretrain at 64 px: preset small, 3000 iterations of batch 8 (about an hour on 2 CPU cores), EMA
 #    0.999 with the default warm-up (0.9999 alone averages over ~10k steps, longer than these runs);
 # 3. grow to 128 px: the 64 px EMA weights start a second run on the 128 px slices (--init; the U-Net
-#    is convolutional and its attention sits at fixed downsampling factors, so the weights fit), 1100
-#    iterations of batch 8 (about 70 minutes on 2 CPU cores);
+#    is convolutional and its attention sits at fixed downsampling factors, so the weights fit), 800
+#    iterations of batch 8 (about 55 minutes on 2 CPU cores);
 # 4. export the EMA weights (float16) as "ddpm-pretrained";
-# 5. fine-tune FT-dec on every labelled slice of both labelled CTs -> "flare22-segmentor" (float16),
-#    fresh augmentation every iteration;
+# 5. fine-tune FT-dec on every labelled slice of both labelled CTs, fresh augmentation every
+#    iteration: 300 iterations, then 500 more from that model (--base; the bundled model was built in
+#    these two stages) -> "flare22-segmentor" (float16);
 # 6. held-out figures (Training.model_figures) and the cards (Training.model_cards);
 # 7. install both into DiffusionSegLib/weights and segment abdomen-ct-a with the default model.
 #
@@ -46,7 +47,7 @@ pretrain() {  # DATA OUT ITERATIONS [more flags]: resumes OUT when it already ho
 }
 pretrain "$work/slices64" "$work/pretrain64" 3000
 diffusionseg-train export --run "$work/pretrain64" -o "$work/ddpm-pretrained-64" --name ddpm-pretrained-64
-pretrain "$work/slices128" "$work/pretrain128" 1100 --init "$work/ddpm-pretrained-64"
+pretrain "$work/slices128" "$work/pretrain128" 800 --init "$work/ddpm-pretrained-64"
 
 diffusionseg-train export --run "$work/pretrain128" -o "$work/ddpm-pretrained" --name ddpm-pretrained --half
 diffusionseg-train sample --model "$work/ddpm-pretrained" -n 16 -o "$work/samples" --sampler ddim --steps 100
@@ -56,13 +57,18 @@ diffusionseg finetune --base "$work/ddpm-pretrained" --strategy ft-dec \
     --image "$shared/abdomen-ct-a/ct.nii.gz" --labels "$shared/abdomen-ct-a/labels.nii.gz" \
     --image "$shared/abdomen-ct-c/ct.nii.gz" --labels "$shared/abdomen-ct-c/labels.nii.gz" \
     --iterations 300 --batch-size 8 --patience 0 --config "$work/fresh-augmentation.json" \
+    --half --name flare22-segmentor -o "$work/flare22-segmentor-300" --progress none
+diffusionseg finetune --base "$work/flare22-segmentor-300" --strategy ft-dec \
+    --image "$shared/abdomen-ct-a/ct.nii.gz" --labels "$shared/abdomen-ct-a/labels.nii.gz" \
+    --image "$shared/abdomen-ct-c/ct.nii.gz" --labels "$shared/abdomen-ct-c/labels.nii.gz" \
+    --iterations 500 --batch-size 8 --patience 0 --config "$work/fresh-augmentation.json" \
     --half --name flare22-segmentor -o "$work/flare22-segmentor" --progress none
 
-# Held-out figures (about an hour on 2 CPU cores): leave-one-patient-out models with and without
+# Held-out figures (about three hours on 2 CPU cores): leave-one-patient-out models with and without
 # cleanup, and 4 painted slices with the command's defaults (FT-dec, FS, FT-dec after --adapt 120).
 figures=(--pretrained "$work/ddpm-pretrained" --ct abdomen-ct-a "$shared/abdomen-ct-a/ct.nii.gz" "$shared/abdomen-ct-a/labels.nii.gz"
          --ct abdomen-ct-c "$shared/abdomen-ct-c/ct.nii.gz" "$shared/abdomen-ct-c/labels.nii.gz")
-python -m Training.model_figures "${figures[@]}" -o "$work/figures-seg" --cases segmentor --segmentor-iterations 300
+python -m Training.model_figures "${figures[@]}" -o "$work/figures-seg" --cases segmentor --segmentor-iterations 300 --segmentor-continue 500
 python -m Training.model_figures "${figures[@]}" -o "$work/figures-4" --cases four-slice adapt --adapt 120
 
 # Cards: data sources and licences, the 64 px stage, held-out metrics; cleanup on (it raised held-out DSC).
