@@ -105,7 +105,9 @@ def complete_segmentor(folder: Path, figures: dict, cleanup: bool) -> None:
     card.provenance["data_sources"] = data_sources(labelled)
     card.provenance["metrics"] = {
         "protocol": "leave one patient out: FT-dec with this model's recipe on one labelled CT, scored on the other "
-                    "(all its labelled slices, its own grid); the bundled model itself is trained on both",
+                    "(all its labelled slices, its own grid); the bundled model itself is trained on both. '-all-ft-dec' is "
+                    "the first stage's iterations, '+N' that model continued N more (as this model was), '-cleanup' with cleanup, "
+                    "'-4-' four painted slices with finetune's defaults",
         **held_out_metrics(figures),
     }
     card.postprocessing = {"cleanup": True} if cleanup else {}
