@@ -159,7 +159,7 @@ def test_cache_pool_size_follows_the_memory_cap():
     assert cache_pool_size(config, 4, 10 * mb) == 8  # 10 entries fit: whole copies only
     assert cache_pool_size(config, 4, 30 * mb) == 0  # not even the slices themselves: no cache
     assert cache_pool_size(FinetuneConfig(cache_copies=0), 4, 1) == 0
-    assert cache_pool_size(FinetuneConfig(augment=AugmentConfig(enabled=False)), 4, 1) == 4
+    assert cache_pool_size(FinetuneConfig(cache_copies=16, augment=AugmentConfig(enabled=False)), 4, 1) == 4
 
 
 def test_plateau_stop():

@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segmentor-batch", type=int, default=8, help="batch for the all-slices models (default 8)")
     parser.add_argument("--segmentor-continue", type=int, default=0,
                         help="then continue each all-slices model for this many iterations and score it too (default 0: no)")
+    parser.add_argument("--finetune-config", help="JSON settings passed as --config to the four-slice and adapt fine-tunes "
+                        "(default: none, the command's defaults)")
+    parser.add_argument("--strategies", nargs="+", choices=("ft-dec", "fs"), default=["ft-dec", "fs"],
+                        help="strategies of the four-slice case (default: ft-dec fs)")
     parser.add_argument("--train-on", nargs="+", help="only the models trained on these CTs (default: every CT)")
     parser.add_argument("--quick", action="store_true", help="2 iterations everywhere: a smoke run of the pipeline, not a figure")
     args = parser.parse_args(argv)
@@ -170,12 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         if not painted.exists():  # atomic: a file cut short by a kill would otherwise be reused next time
             with atomic_path(painted) as tmp:
                 sitk.WriteImage(only_slices(labels, painted_slices, axes[name]), str(tmp), useCompression=True)
+        base = ["--base", str(pretrained), *(["--config", args.finetune_config] if args.finetune_config else [])]
         if "four-slice" in args.cases:
-            train_and_score(f"{name}-4-ft-dec", name, painted, painted_slices, ["--base", str(pretrained)])
-            train_and_score(f"{name}-4-fs", name, painted, painted_slices, ["--base", str(pretrained), "--strategy", "fs"])
+            for strategy in args.strategies:
+                train_and_score(f"{name}-4-{strategy}", name, painted, painted_slices, [*base, "--strategy", strategy])
         if "adapt" in args.cases:
-            train_and_score(f"{name}-4-ft-dec-adapt{args.adapt:g}", name, painted, painted_slices,
-                            ["--base", str(pretrained), "--adapt", f"{args.adapt:g}"])
+            train_and_score(f"{name}-4-ft-dec-adapt{args.adapt:g}", name, painted, painted_slices, [*base, "--adapt", f"{args.adapt:g}"])
 
     if "segmentor" in args.cases:
         for name, (_, labels) in cts.items():
