@@ -9,8 +9,8 @@ import torch
 from DiffusionSegLib.models import ModelCard, read_card, read_weights, save_model
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from DiffusionSegLib.segmentor import Segmentor
-from DiffusionSegLib.unet import preset_config
-from Training.model_cards import complete_segmentor, data_sources, held_out_metrics, source_of
+from DiffusionSegLib.unet import UNetModel, preset_config
+from Training.model_cards import complete_pretrained, complete_segmentor, data_sources, held_out_metrics, source_of
 
 FIGURES = {
     "abdomen-ct-a-all-ft-dec": {
@@ -58,3 +58,20 @@ def test_complete_segmentor_writes_metrics_sources_and_cleanup_but_keeps_the_wei
     assert all(torch.equal(before[k].half().float(), v.float()) for k, v in read_weights(folder).items())
     complete_segmentor(folder, FIGURES, cleanup=False)
     assert not read_card(folder).cleanup and "postprocessing" in json.loads((folder / "model.json").read_text())
+
+
+def test_each_card_gets_its_own_figures_and_a_grown_model_keeps_its_whole_history(tmp_path):
+    """Four-slice figures measure the backbone, leave-one-patient-out ones the segmentor recipe; --init chains stay whole."""
+    assert set(held_out_metrics(FIGURES, "-4-")) == {"abdomen-ct-c-4-ft-dec"}
+    assert set(held_out_metrics(FIGURES, "-all-")) == {"abdomen-ct-a-all-ft-dec"}
+    config = preset_config("tiny")
+    card = ModelCard(kind="pretrained", unet=config, preprocessing=PreprocessingSpec.for_size(config.image_size), preset="tiny",
+                     name="p", provenance={"iterations": 5})
+    folder = save_model(tmp_path / "p", card, UNetModel(config).state_dict())
+    earlier = {"name": "p", "unet": {"image_size": 64}, "preprocessing": {"size": 64},
+               "provenance": {"iterations": 800, "grown_from": {"image_size": 32, "iterations": 3000}}}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    complete_pretrained(folder, tmp_path / "earlier.json", FIGURES)
+    provenance = read_card(folder).provenance
+    assert provenance["grown_from"]["iterations"] == 800 and provenance["grown_from"]["grown_from"]["iterations"] == 3000
+    assert set(provenance["metrics"]) == {"protocol", "abdomen-ct-c-4-ft-dec"}

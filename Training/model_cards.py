@@ -63,10 +63,15 @@ def portable_provenance(value: object) -> object:
     return value
 
 
-def held_out_metrics(figures: dict) -> dict:
-    """Leave-one-patient-out DSC of the all-slices models (with and without cleanup) and the 4-slice runs."""
+def held_out_metrics(figures: dict, which: str = "") -> dict:
+    """Leave-one-patient-out DSC of the all-slices models (with and without cleanup) and the 4-slice runs.
+
+    `which`: only the figures whose key holds it ("-all-": the segmentor recipe, "-4-": four painted slices).
+    """
     out: dict = {}
     for key, record in figures.items():
+        if which not in key:
+            continue
         trained_on = record.get("trained_on")
         for ct, scores in record.items():
             if not isinstance(scores, dict) or "mean_dsc" not in scores:
@@ -82,11 +87,19 @@ def held_out_metrics(figures: dict) -> dict:
     return out
 
 
-def complete_pretrained(folder: Path, grown_from: Path | None) -> None:
+def complete_pretrained(folder: Path, grown_from: Path | None, figures: dict | None = None) -> None:
     card = read_card(folder)
+    four_slice = held_out_metrics(figures or {}, "-4-")
+    if four_slice:  # what fine-tuning this backbone on 4 painted slices gives: the figures that belong to it
+        card.provenance["metrics"] = {
+            "protocol": "4 painted axial slices (the labelled slices covering the most organs), finetune's defaults from this "
+                        "model (FT-dec; '-fs': the same architecture from random weights; '-adapt': after --adapt), scored on "
+                        "the other slices of the same CT and on the other patient",
+            **four_slice,
+        }
     if grown_from is not None:  # the smaller model whose weights started this run (pretrain --init)
         start = json.loads(grown_from.read_text())
-        keep = ("iterations", "training_seconds", "final_loss", "data", "config", "hardware")
+        keep = ("iterations", "training_seconds", "final_loss", "data", "config", "hardware", "grown_from")  # a chain of runs stays whole
         card.provenance["grown_from"] = {"name": start.get("name"), "image_size": start["unet"]["image_size"],
                                          "preprocessing": start["preprocessing"], **{k: start["provenance"].get(k) for k in keep}}
     data = card.provenance.setdefault("data", {})
@@ -106,9 +119,8 @@ def complete_segmentor(folder: Path, figures: dict, cleanup: bool) -> None:
     card.provenance["metrics"] = {
         "protocol": "leave one patient out: FT-dec with this model's recipe on one labelled CT, scored on the other "
                     "(all its labelled slices, its own grid); the bundled model itself is trained on both. '-all-ft-dec' is "
-                    "the first stage's iterations, '+N' that model continued N more (as this model was), '-cleanup' with cleanup, "
-                    "'-4-' four painted slices with finetune's defaults",
-        **held_out_metrics(figures),
+                    "the first stage's iterations, '+N' that model continued N more (as this model was), '-cleanup' with cleanup",
+        **held_out_metrics(figures, "-all-"),
     }
     card.postprocessing = {"cleanup": True} if cleanup else {}
     card.provenance = portable_provenance(card.provenance)
@@ -126,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {}
     for path in args.figures:
         figures.update(json.loads(Path(path).read_text()))
-    complete_pretrained(Path(args.pretrained), args.grown_from)
+    complete_pretrained(Path(args.pretrained), args.grown_from, figures)
     complete_segmentor(Path(args.segmentor), figures, args.cleanup)
     print(f"completed {args.pretrained} and {args.segmentor}")
     return 0
