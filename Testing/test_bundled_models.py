@@ -31,6 +31,9 @@ def test_model_cards_say_what_data_how_long_which_hardware_and_the_metrics():
     assert pretrained.provenance["data"]["slices"] > 800  # every real slice of the shared data, labelled CTs' images included
     assert pretrained.preprocessing.size >= 128 and pretrained.preprocessing.spacing_mm <= 3.2 + 1e-6
     assert all(source["licence"] for source in pretrained.provenance["data"]["sources"])
+    four_slice = pretrained.provenance["metrics"]  # what 4 painted slices give from this backbone, FT-dec and from scratch
+    assert {f"{ct}-4-{s}" for ct in ("abdomen-ct-a", "abdomen-ct-c") for s in ("ft-dec", "fs")} <= set(four_slice)
+    assert all(len(scores) == 2 for key, scores in four_slice.items() if key != "protocol")  # the painted CT and the other patient
     segmentor = read_card(BUNDLED_DIR / DEFAULT_SEGMENTOR)
     assert segmentor.kind == "segmentor" and segmentor.strategy == "ft-dec" and segmentor.timestep == 0
     assert segmentor.preprocessing == pretrained.preprocessing and segmentor.unet == pretrained.unet
