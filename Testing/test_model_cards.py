@@ -75,3 +75,22 @@ def test_each_card_gets_its_own_figures_and_a_grown_model_keeps_its_whole_histor
     provenance = read_card(folder).provenance
     assert provenance["grown_from"]["iterations"] == 800 and provenance["grown_from"]["grown_from"]["iterations"] == 3000
     assert set(provenance["metrics"]) == {"protocol", "abdomen-ct-c-4-ft-dec"}
+
+
+def test_a_segmentor_built_from_an_earlier_backbone_says_so(tmp_path):
+    config = preset_config("tiny")
+
+    def pretrained(name: str, iterations: int):
+        card = ModelCard(kind="pretrained", unet=config, preprocessing=PreprocessingSpec.for_size(config.image_size), preset="tiny",
+                         name="p", provenance={"iterations": iterations})
+        return save_model(tmp_path / name, card, UNetModel(config).state_dict())
+
+    earlier, later = pretrained("earlier", 800), pretrained("later", 1804)
+    card = ModelCard(kind="segmentor", unet=config, preprocessing=PreprocessingSpec.for_size(config.image_size), head={"width": 32, "layers": 2},
+                     strategy="ft-dec", preset="tiny", name="s", provenance={"data": []})
+    folder = save_model(tmp_path / "s", card, Segmentor(config, 32).state_dict())
+    complete_segmentor(folder, FIGURES, cleanup=False, built_from=earlier, pretrained=later)
+    note = read_card(folder).provenance["base_note"]
+    assert "after 800 iterations" in note and "1804 iterations more" in note
+    complete_segmentor(folder, FIGURES, cleanup=False)
+    assert "base_note" in read_card(folder).provenance  # a later completion without the flag keeps what was said

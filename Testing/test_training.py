@@ -187,6 +187,20 @@ def test_pretrain_kill_resume_sample_export_finetune(slices_dir, tmp_path, capsy
                          "-o", str(tmp_path / "ft"), "--base", str(model_dir), "--iterations", "2", "--progress", "none"]) == 0
 
 
+def test_pretrain_stop_at_pauses_on_the_full_schedule_and_resumes(slices_dir, tmp_path, capsys):
+    """--stop-at: a run budgeted in pieces keeps the learning-rate schedule of --iterations, with a checkpoint at the pause."""
+    run = tmp_path / "run"
+    common = ["pretrain", "--data", str(slices_dir), "--out", str(run), *FAST, "--iterations", "10", "--lr", "1e-3", "--lr-final", "1e-4"]
+    capsys.readouterr()
+    assert train([*common, "--stop-at", "5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stopped_by"] == "stop-at"
+    assert load_checkpoint(latest_checkpoint(run / "checkpoints"), restore_random_state=False).step == 5
+    lr_at_5 = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]["lr"]
+    assert 1e-4 < lr_at_5 < 1e-3  # halfway down the 10-iteration schedule, not at its end
+    assert train([*common, "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) | {"final_loss": 0} == {"step": 10, "stopped_by": "iterations", "final_loss": 0}
+
+
 @pytest.mark.skipif(not shutil.which("torchrun", path=os.path.dirname(sys.executable)), reason="torchrun not installed")
 def test_torchrun_two_processes_on_cpu(slices_dir, tmp_path):
     run = tmp_path / "ddp"

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML or JSON file of settings (flags override it) (default: none)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint (default: off, a new run)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (default: off, a tqdm bar)")
+    t.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="pause after this step with a checkpoint, the schedule still that of --iterations; --resume continues "
+                        "(default: run to --iterations)")
     for f in fields(PretrainConfig):
         flag = "--" + f.name.replace("_", "-")
         # None defaults are decided at run time; PretrainConfig's field comment says how
@@ -235,7 +238,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     settings.update({f.name: getattr(args, f.name) for f in fields(PretrainConfig) if getattr(args, f.name) is not None})
     config = PretrainConfig.from_dict(settings)
     summary = pretrain(args.data, args.out, config, resume=args.resume, show_progress=not args.no_progress,
-                       fit_batch_size="batch_size" not in settings)
+                       fit_batch_size="batch_size" not in settings, stop_at=args.stop_at)
     print(json.dumps(summary))
     return 0
 

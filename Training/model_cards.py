@@ -112,8 +112,15 @@ def complete_pretrained(folder: Path, grown_from: Path | None, figures: dict | N
     save_model(folder, card, read_weights(folder), half=True)
 
 
-def complete_segmentor(folder: Path, figures: dict, cleanup: bool) -> None:
+def complete_segmentor(folder: Path, figures: dict, cleanup: bool, built_from: Path | None = None, pretrained: Path | None = None) -> None:
+    """`built_from`: the pretrained model the segmentor was fine-tuned from, when the bundled one (`pretrained`) has since trained on."""
     card = read_card(folder)
+    if built_from is not None and pretrained is not None:
+        earlier, later = read_card(built_from).provenance, read_card(pretrained).provenance
+        card.provenance["base_note"] = (
+            f"built from ddpm-pretrained after {earlier.get('iterations')} iterations of its last run (its record: the bundled "
+            f"ddpm-pretrained card, provenance.grown_from); the bundled ddpm-pretrained has since trained {later.get('iterations')} "
+            "iterations more, and this segmentor was not rebuilt from it")
     labelled = [d["image"] for d in card.provenance.get("data", [])]
     card.provenance["data_sources"] = data_sources(labelled)
     card.provenance["metrics"] = {
@@ -133,13 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segmentor", required=True, help="segmentation model folder")
     parser.add_argument("--figures", nargs="+", required=True, help="figures.json files from Training.model_figures")
     parser.add_argument("--grown-from", type=Path, help="model.json of the model that started the pretraining run (--init), if any")
+    parser.add_argument("--segmentor-built-from", type=Path,
+                        help="the pretrained model folder the segmentor was fine-tuned from, when --pretrained has trained on since "
+                             "(default: none, the segmentor was built from --pretrained)")
     parser.add_argument("--cleanup", action="store_true", help="make per-organ cleanup the segmentor's default (default: off)")
     args = parser.parse_args(argv)
     figures: dict = {}
     for path in args.figures:
         figures.update(json.loads(Path(path).read_text()))
     complete_pretrained(Path(args.pretrained), args.grown_from, figures)
-    complete_segmentor(Path(args.segmentor), figures, args.cleanup)
+    complete_segmentor(Path(args.segmentor), figures, args.cleanup, args.segmentor_built_from, Path(args.pretrained))
     print(f"completed {args.pretrained} and {args.segmentor}")
     return 0
 

@@ -239,16 +239,18 @@ class TrainingStopped(InputError):
 
 
 def pretrain(data: str | Path, run_dir: str | Path, config: PretrainConfig, resume: bool = False, show_progress: bool = True,
-             fit_batch_size: bool = False) -> dict:
+             fit_batch_size: bool = False, stop_at: int | None = None) -> dict:
     """Train (or continue training) a noise predictor; returns a summary of the run.
 
     `fit_batch_size`: the batch size was not chosen by the user, so on the CPU a smaller one that fits in memory may be taken.
+    `stop_at`: pause after this step with a checkpoint, the learning-rate schedule still that of `config.iterations`
+    (a run budgeted in pieces; `resume` continues it). Not a setting of the run, so it does not block resuming.
     """
     data, run_dir = Path(data), Path(run_dir)
     env = setup_distributed()
     try:
         with tf32_matmuls():
-            return _train(data, run_dir, config, resume, show_progress, env, fit_batch_size)
+            return _train(data, run_dir, config, resume, show_progress, env, fit_batch_size, stop_at)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -268,7 +270,7 @@ def _guard_memory(model: UNetModel, diffusion: GaussianDiffusion, config: Pretra
 
 
 def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show_progress: bool, env: Distributed,
-           fit_batch_size: bool = False) -> dict:
+           fit_batch_size: bool = False, stop_at: int | None = None) -> dict:
     dataset = _check_data(data, config)
     latest = _check_resume(run_dir, config, resume)
     device = _device(env)
@@ -337,7 +339,8 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
             dist.barrier()
 
     with Preemption() as preemption:
-        while step < config.iterations and stopped_by == "iterations":
+        end = min(config.iterations, stop_at) if stop_at is not None else config.iterations
+        while step < end and stopped_by == "iterations":
             sampler.set_epoch(epoch)
             for i, x0 in enumerate(loader):
                 if i < skip:
@@ -376,12 +379,13 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
                 if config.sample_every and step % config.sample_every == 0 and env.main:
                     save_sample_grid(ema, diffusion, run_dir / "samples" / f"step-{step:08d}.png", config.sample_count, config.sample_steps, device)
                 stop = _agree(preemption.requested, env, device)
-                if step % config.checkpoint_every == 0 or step == config.iterations or stop:
+                if step % config.checkpoint_every == 0 or step == end or stop:
                     checkpoint()
                 if stop:
                     stopped_by = "signal"
                     break
-                if step >= config.iterations:
+                if step >= end:
+                    stopped_by = "iterations" if step >= config.iterations else "stop-at"
                     break
             epoch, skip = epoch + 1, 0
     bar.close()

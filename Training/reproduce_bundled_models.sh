@@ -11,14 +11,18 @@
 # 3. grow to 128 px: the 64 px EMA weights start a second run on the 128 px slices (--init; the U-Net
 #    is convolutional and its attention sits at fixed downsampling factors, so the weights fit), 800
 #    iterations of batch 8 (about 55 minutes on 2 CPU cores);
-# 4. export the EMA weights (float16) as "ddpm-pretrained";
-# 5. fine-tune FT-dec on every labelled slice of both labelled CTs, fresh augmentation every
+# 4. export that run's EMA weights as "ddpm-pretrained-800", the backbone the segmentor is built from;
+# 5. continue at 128 px: a second 128 px run started from ddpm-pretrained-800 (--init) on a 4000-iteration
+#    schedule (Adam 2e-4 -> 2e-5), paused after 1804 iterations (--stop-at; about 1.6 hours on 2 CPU cores),
+#    exported (float16) as the bundled "ddpm-pretrained": 2604 iterations at 128 px in all. The 4-slice
+#    figures of step 6 start from it;
+# 6. fine-tune FT-dec on every labelled slice of both labelled CTs, fresh augmentation every
 #    iteration: 300 iterations, then 500 more from that model (--base; the bundled model was built in
-#    these two stages) -> "flare22-segmentor" (float16);
-# 6. held-out figures (Training.model_figures) and the cards (Training.model_cards);
-# 7. install both into DiffusionSegLib/weights and segment abdomen-ct-a with the default model.
+#    these two stages) -> "flare22-segmentor" (float16), from ddpm-pretrained-800 as it was built;
+# 7. held-out figures (Training.model_figures) and the cards (Training.model_cards);
+# 8. install both into DiffusionSegLib/weights and segment abdomen-ct-a with the default model.
 #
-# Steps 2-3 are resumable: rerunning the script continues a stopped run. Everything runs on the CPU
+# Steps 2, 3 and 5 are resumable: rerunning the script continues a stopped run. Everything runs on the CPU
 # unless a GPU is present. Wall times on 2 CPU cores are in the model cards. Held-out figures come from
 # python -m Training.model_figures (see README).
 set -euo pipefail
@@ -49,11 +53,13 @@ pretrain "$work/slices64" "$work/pretrain64" 3000
 diffusionseg-train export --run "$work/pretrain64" -o "$work/ddpm-pretrained-64" --name ddpm-pretrained-64
 pretrain "$work/slices128" "$work/pretrain128" 800 --init "$work/ddpm-pretrained-64"
 
-diffusionseg-train export --run "$work/pretrain128" -o "$work/ddpm-pretrained" --name ddpm-pretrained --half
+diffusionseg-train export --run "$work/pretrain128" -o "$work/ddpm-pretrained-800" --name ddpm-pretrained --half
+pretrain "$work/slices128" "$work/pretrain128b" 4000 --init "$work/ddpm-pretrained-800" --stop-at 1804
+diffusionseg-train export --run "$work/pretrain128b" -o "$work/ddpm-pretrained" --name ddpm-pretrained --half
 diffusionseg-train sample --model "$work/ddpm-pretrained" -n 16 -o "$work/samples" --sampler ddim --steps 100
 
 echo '{"cache_copies": 0}' > "$work/fresh-augmentation.json"
-diffusionseg finetune --base "$work/ddpm-pretrained" --strategy ft-dec \
+diffusionseg finetune --base "$work/ddpm-pretrained-800" --strategy ft-dec \
     --image "$shared/abdomen-ct-a/ct.nii.gz" --labels "$shared/abdomen-ct-a/labels.nii.gz" \
     --image "$shared/abdomen-ct-c/ct.nii.gz" --labels "$shared/abdomen-ct-c/labels.nii.gz" \
     --iterations 300 --batch-size 8 --patience 0 --config "$work/fresh-augmentation.json" \
@@ -64,16 +70,23 @@ diffusionseg finetune --base "$work/flare22-segmentor-300" --strategy ft-dec \
     --iterations 500 --batch-size 8 --patience 0 --config "$work/fresh-augmentation.json" \
     --half --name flare22-segmentor -o "$work/flare22-segmentor" --progress none
 
-# Held-out figures (about three hours on 2 CPU cores): leave-one-patient-out models with and without
-# cleanup, and 4 painted slices with the command's defaults (FT-dec, FS, FT-dec after --adapt 120).
-figures=(--pretrained "$work/ddpm-pretrained" --ct abdomen-ct-a "$shared/abdomen-ct-a/ct.nii.gz" "$shared/abdomen-ct-a/labels.nii.gz"
-         --ct abdomen-ct-c "$shared/abdomen-ct-c/ct.nii.gz" "$shared/abdomen-ct-c/labels.nii.gz")
-python -m Training.model_figures "${figures[@]}" -o "$work/figures-seg" --cases segmentor --segmentor-iterations 300 --segmentor-continue 500
-python -m Training.model_figures "${figures[@]}" -o "$work/figures-4" --cases four-slice adapt --adapt 120
+# Held-out figures (about three hours on 2 CPU cores): the segmentor recipe leave one patient out, with and
+# without cleanup, from the backbone it was built from; 4 painted slices with the command's defaults (FT-dec
+# and FS) from the bundled backbone. (--cases adapt adds FT-dec after --adapt 120.)
+cts=(--ct abdomen-ct-a "$shared/abdomen-ct-a/ct.nii.gz" "$shared/abdomen-ct-a/labels.nii.gz"
+     --ct abdomen-ct-c "$shared/abdomen-ct-c/ct.nii.gz" "$shared/abdomen-ct-c/labels.nii.gz")
+python -m Training.model_figures --pretrained "$work/ddpm-pretrained-800" "${cts[@]}" -o "$work/figures-seg" --cases segmentor \
+    --segmentor-iterations 300 --segmentor-continue 500
+python -m Training.model_figures --pretrained "$work/ddpm-pretrained" "${cts[@]}" -o "$work/figures-4" --cases four-slice
 
-# Cards: data sources and licences, the 64 px stage, held-out metrics; cleanup on (it raised held-out DSC).
+# Cards: data sources and licences, the earlier stages (64 px, the first 128 px run), held-out metrics;
+# cleanup on (it raised held-out DSC). The first call completes ddpm-pretrained-800's card, which the
+# second one keeps as the bundled backbone's history.
+python -m Training.model_cards --pretrained "$work/ddpm-pretrained-800" --segmentor "$work/flare22-segmentor" \
+    --grown-from "$work/ddpm-pretrained-64/model.json" --figures "$work/figures-seg/figures.json" --cleanup
 python -m Training.model_cards --pretrained "$work/ddpm-pretrained" --segmentor "$work/flare22-segmentor" \
-    --grown-from "$work/ddpm-pretrained-64/model.json" --figures "$work/figures-seg/figures.json" "$work/figures-4/figures.json" --cleanup
+    --grown-from "$work/ddpm-pretrained-800/model.json" --segmentor-built-from "$work/ddpm-pretrained-800" \
+    --figures "$work/figures-seg/figures.json" "$work/figures-4/figures.json" --cleanup
 
 mkdir -p "$weights"
 for model in ddpm-pretrained flare22-segmentor; do
