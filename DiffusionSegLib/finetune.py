@@ -59,8 +59,8 @@ class FinetuneConfig:
     seed: int = 0
     # Frozen-part cache: augmented copies per slice (copy 0 is the slice itself) and a memory cap.
     # Off by default (0: fresh augmentation every iteration, frozen part recomputed without autograd):
-    # for FT-dec a fixed pool of 16 copies was no faster (0.94x, small preset, 2 CPU cores: the decoder
-    # dominates a step) and cost 10 DSC points at 4 slices (42.9 -> 52.8 on abdomen-ct-a once off). LP,
+    # for FT-dec a fixed pool of 16 copies saves only the encoder pass (~10% of a step at 128 px, 0.94x
+    # at 256 px: the decoder dominates) and cost 10 DSC points at 4 slices (42.9 -> 52.8 on abdomen-ct-a). LP,
     # whose frozen part is nearly the whole network, runs ~3x faster with a pool: turn it on there.
     cache_copies: int = 0
     cache_memory_mb: float = 2048.0

@@ -385,9 +385,10 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
                     stopped_by = "signal"
                     break
                 if step >= end:
-                    stopped_by = "iterations" if step >= config.iterations else "stop-at"
                     break
             epoch, skip = epoch + 1, 0
+    if stopped_by == "iterations" and step < config.iterations:  # paused by stop_at (also when resumed at or past it)
+        stopped_by = "stop-at"
     bar.close()
     if log is not None:
         log.close()
