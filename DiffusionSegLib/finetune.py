@@ -39,6 +39,11 @@ class AugmentConfig:
     translate: float = 0.05  # fraction of the slice width
     intensity_scale: float = 0.1  # contrast factor in [1 - s, 1 + s]
     intensity_shift: float = 0.1  # offset in model units (the [-1, 1] range)
+    # Percentile-window jitter: (x + 1) x f - 1 with f log-uniform in [1 / (1 + w), 1 + w]. The per-scan
+    # clip pins air near -1 while the 99.5th percentile moves with the scan's bone, contrast and field
+    # of view (HU 50 lands anywhere from 0.0 to 0.6 in model units across scanners), which is a scale
+    # about air, not about 0 like `intensity_scale`. 0 disables it (no random draw).
+    window_scale: float = 0.0
 
 
 @dataclass
@@ -132,6 +137,10 @@ def augment_batch(
     warped = F.grid_sample(images + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
     warped_labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
+    if config.window_scale > 0:
+        bound = math.log1p(config.window_scale)
+        window = uniform(-bound, bound).exp().to(images.device, images.dtype)
+        warped = (warped + 1) * window[:, None, None, None] - 1
     contrast = uniform(1 - config.intensity_scale, 1 + config.intensity_scale).to(images.device)
     offset = uniform(-config.intensity_shift, config.intensity_shift).to(images.device)
     warped = (warped * contrast[:, None, None, None] + offset[:, None, None, None]).clamp(-1, 1)

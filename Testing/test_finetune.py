@@ -60,6 +60,22 @@ def test_augmentation_keeps_shapes_values_and_labels_aligned():
     assert same[0] is images
 
 
+def test_window_jitter_scales_about_air():
+    # A scan-window change keeps air at -1 and moves tissue; values stay in [-1, 1].
+    g = torch.Generator().manual_seed(1)
+    images = torch.tensor([-1.0, 0.0, 0.4]).repeat(16, 1, 1, 1)
+    labels = torch.zeros(16, 1, 3, dtype=torch.long)
+    config = AugmentConfig(probability=0.0, intensity_scale=0, intensity_shift=0, window_scale=0.4)
+    x, _ = augment_batch(images, labels, config, g)
+    assert torch.allclose(x[..., 0], torch.tensor(-1.0))
+    factors = (x[..., 1] + 1).flatten()
+    assert factors.min() >= 1 / 1.4 - 1e-6 and factors.max() <= 1.4 + 1e-6
+    assert factors.min() < 0.9 and factors.max() > 1.1  # both ways, not a constant
+    assert torch.allclose(x[..., 2], ((0.4 + 1) * factors - 1).clamp(max=1).view_as(x[..., 2]))
+    off = AugmentConfig(probability=0.0, intensity_scale=0, intensity_shift=0)
+    assert torch.allclose(augment_batch(images, labels, off, g)[0], images, atol=1e-6)
+
+
 def phantom_slices(spec: PreprocessingSpec, count: int = 4):
     ct, labels = make_phantom(size=(80, 72, 24), spacing=(5.0, 5.0, 8.0), seed=3)
     full = training_slices([(ct, labels)], spec)
