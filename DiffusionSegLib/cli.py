@@ -306,7 +306,7 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
         try:
             settings = json.loads(Path(args.config).expanduser().read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise InputError(f"{args.config}: cannot read fine-tuning settings ({e}); pass a JSON object of settings") from e
+            raise InputError(f"{args.config}: cannot read fine-tuning settings ({e}); pass a JSON file holding an object of settings") from e
     flags = {"iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr, "time_limit": args.time_limit, "seed": args.seed,
              "patience": args.patience}
     settings.update({k: v for k, v in flags.items() if v is not None}, strategy=args.strategy)

@@ -223,6 +223,9 @@ def test_benchmark_command_reduced(tiny_pretrained, tmp_path, capsys):
         assert len(run["train_slices"]) == (2 if run["budget"] == "2" else 1)
         assert all(0 <= s["mean_dsc"] <= 1 for s in run["tests"].values())
     assert not {s for r in within if r["train_ct"] == "a" for s in r["train_slices"]} & set(held_out)
+    recorded = {k: v for k, v in report.items() if k != "command"}  # the command stays as typed
+    assert str(tmp_path) not in json.dumps(recorded)  # no machine paths
+    assert report["cts"]["a"]["image"].count("/") == 1 and report["pretrained"]["path"].count("/") == 1
     assert report["budgets"]["cross"]["a"]["1%"]["slices"] == 1 and report["summary"]["cross"]
 
     md = (out / "report.md").read_text(encoding="utf-8")

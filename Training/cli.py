@@ -20,7 +20,7 @@ from DiffusionSegLib.devices import configure_cpu, resolve_device
 from DiffusionSegLib.diffusion import SCHEDULES, GaussianDiffusion
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.imageio import read_ct, read_labels
-from DiffusionSegLib.models import load_unet, resolve_model
+from DiffusionSegLib.models import load_unet, portable_path, resolve_model
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from DiffusionSegLib.unet import PRESETS
 
@@ -372,7 +372,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     cts: list[LabelledCT] = []
     for name, image, labels_path in zip(ct_names(args.image), args.image, args.labels, strict=True):
         ct = read_ct(image)
-        source = {"image": str(Path(image).resolve()), "labels": str(Path(labels_path).resolve())}
+        source = {"image": portable_path(image), "labels": portable_path(labels_path)}  # no machine paths in a report
         cts.append(labelled_ct(name, ct, read_labels(labels_path, reference=ct), pretrained.card.preprocessing, source))
     out = Path(args.output)
     device = resolve_device(args.device)

@@ -46,7 +46,7 @@ from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.finetune import FinetuneConfig, finetune
 from DiffusionSegLib.inference import segment_ct
 from DiffusionSegLib.metrics import organ_overlap
-from DiffusionSegLib.models import WEIGHTS_FILE, ModelCard, load_unet
+from DiffusionSegLib.models import WEIGHTS_FILE, ModelCard, load_unet, portable_path
 from DiffusionSegLib.preprocessing import ModelSpaceVolume, PreprocessingSpec, labels_to_model_space, to_model_space
 from DiffusionSegLib.segmentor import DEFAULT_HEAD_WIDTH, Segmentor
 
@@ -304,7 +304,7 @@ class Pretrained:
 
     def describe(self) -> dict:
         spec = self.card.preprocessing
-        return {"path": str(self.path), "name": self.card.name, "preset": self.card.preset, "size": spec.size, "spacing_mm": spec.spacing_mm,
+        return {"path": portable_path(self.path), "name": self.card.name, "preset": self.card.preset, "size": spec.size, "spacing_mm": spec.spacing_mm,
                 "weights_sha256": self.weights_sha256, "provenance": self.card.provenance}
 
 
