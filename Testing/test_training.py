@@ -297,6 +297,12 @@ def test_pretrain_init_grows_a_model_to_another_slice_size(short_run, tmp_path, 
     grown = load_checkpoint(run / "checkpoints" / "step-00000001", restore_random_state=False)
     assert json.loads((run / "config.json").read_text())["unet"]["image_size"] == 32
     assert all(torch.allclose(grown.model[k], start[k], atol=1e-6) for k in start)
+    # Resumed with another --init: the weights come from the checkpoint, and the record keeps the origin.
+    capsys.readouterr()
+    assert train(["pretrain", "--data", str(small_slices), "--out", str(run), *FAST, "--iterations", "2", "--checkpoint-every", "1",
+                  "--num-timesteps", "10", "--lr", "1e-12", "--lr-final", "1e-12", "--init", str(short_run), "--resume"]) == 0
+    assert "is ignored (the run started from" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["config"]["init"] == str(tmp_path / "tiny64")
     assert train(["pretrain", "--data", str(small_slices), "--out", str(tmp_path / "other"), *FAST[2:], "--preset", "small",
                   "--iterations", "1", "--init", str(tmp_path / "tiny64")]) == 2
     assert "differs from --preset's" in capsys.readouterr().err

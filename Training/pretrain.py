@@ -183,6 +183,18 @@ def _check_resume(run_dir: Path, config: PretrainConfig, resume: bool) -> Path |
     return latest
 
 
+def _started_from(latest: Path, config: PretrainConfig) -> PretrainConfig:
+    """`config` with the --init the run started from: a resumed run's weights come from its checkpoint,
+    so a different --init now changes nothing and must not be recorded as its origin."""
+    try:
+        init = json.loads((latest / "state.json").read_text(encoding="utf-8"))["config"].get("init", "")
+    except (OSError, ValueError, KeyError):
+        return config
+    if config.init and init != config.init:
+        print(f"pretrain: resuming; --init {config.init} is ignored (the run started from {init or 'random weights'})", file=sys.stderr)
+    return replace(config, init=init)
+
+
 def _initialise_from(model: UNetModel, init: str, unet_config: UNetConfig) -> None:
     """Load a pretrained model's weights into `model`; the architecture must match up to the slice size."""
     folder = resolve_model(init, "pretrained")
@@ -273,6 +285,8 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
            fit_batch_size: bool = False, stop_at: int | None = None) -> dict:
     dataset = _check_data(data, config)
     latest = _check_resume(run_dir, config, resume)
+    if latest is not None:
+        config = _started_from(latest, config)
     device = _device(env)
     torch.manual_seed(config.seed + env.rank)
     unet_config = preset_config(config.preset, dataset.index.spec.size)
