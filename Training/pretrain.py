@@ -168,31 +168,20 @@ def _check_data(data: Path, config: PretrainConfig) -> SliceDataset:
     return dataset
 
 
-def _check_resume(run_dir: Path, config: PretrainConfig, resume: bool) -> Path | None:
+def _check_resume(run_dir: Path, config: PretrainConfig, resume: bool) -> tuple[Path | None, dict]:
+    """The latest checkpoint to resume from (None: a new run) and the settings it was saved with ({} if unreadable)."""
     latest = latest_checkpoint(run_dir / "checkpoints")
     if latest is None:
-        return None
+        return None, {}
     if not resume:
         raise InputError(f"{run_dir}: already holds checkpoints (latest {latest.name}); pass --resume to continue, or choose a new --out")
     try:
         saved = json.loads((latest / "state.json").read_text(encoding="utf-8"))["config"]
     except (OSError, ValueError, KeyError):
-        return latest  # damaged: load_latest_checkpoint says so and falls back to an earlier one
+        return latest, {}  # damaged: load_latest_checkpoint says so and falls back to an earlier one
     if saved["preset"] != config.preset:
         raise InputError(f"{run_dir}: was trained with preset {saved['preset']}; resuming with --preset {config.preset} is not possible")
-    return latest
-
-
-def _started_from(latest: Path, config: PretrainConfig) -> PretrainConfig:
-    """`config` with the --init the run started from: a resumed run's weights come from its checkpoint,
-    so a different --init now changes nothing and must not be recorded as its origin."""
-    try:
-        init = json.loads((latest / "state.json").read_text(encoding="utf-8"))["config"].get("init", "")
-    except (OSError, ValueError, KeyError):
-        return config
-    if config.init and init != config.init:
-        print(f"pretrain: resuming; --init {config.init} is ignored (the run started from {init or 'random weights'})", file=sys.stderr)
-    return replace(config, init=init)
+    return latest, saved
 
 
 def _initialise_from(model: UNetModel, init: str, unet_config: UNetConfig) -> None:
@@ -284,9 +273,14 @@ def _guard_memory(model: UNetModel, diffusion: GaussianDiffusion, config: Pretra
 def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show_progress: bool, env: Distributed,
            fit_batch_size: bool = False, stop_at: int | None = None) -> dict:
     dataset = _check_data(data, config)
-    latest = _check_resume(run_dir, config, resume)
-    if latest is not None:
-        config = _started_from(latest, config)
+    latest, saved_config = _check_resume(run_dir, config, resume)
+    if saved_config:
+        # A resumed run's weights come from its checkpoint: a different --init now changes nothing and
+        # must not be recorded as the run's origin.
+        started_from = saved_config.get("init", "")
+        if config.init and config.init != started_from and env.main:
+            print(f"pretrain: resuming; --init {config.init} is ignored (the run started from {started_from or 'random weights'})", file=sys.stderr)
+        config = replace(config, init=started_from)
     device = _device(env)
     torch.manual_seed(config.seed + env.rank)
     unet_config = preset_config(config.preset, dataset.index.spec.size)
