@@ -75,6 +75,11 @@ class FinetuneConfig:
     min_improvement: float = 0.02
     min_iterations: int = 100
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Start the head's class biases at the log class frequencies of the training labels (about 90% of
+    # pixels are background). A linear head needs it: at the head's learning rate Adam moves a bias by
+    # ~lr per step, far too little to learn that prior in a few hundred steps. Off by default because
+    # it would reset a trained head continued with --base.
+    prior_bias: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +103,12 @@ class FinetuneResult:
     seconds: float
     stopped_by: str  # "iterations", "time-limit" or "plateau"
     losses: list[float]
+
+
+def class_frequencies(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Share of the pixels of `labels` (any shape, class indices) in each class."""
+    counts = torch.bincount(labels.reshape(-1).long(), minlength=num_classes)[:num_classes].double()
+    return counts / counts.sum().clamp(min=1)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
@@ -253,6 +264,8 @@ def finetune(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     segmentor.configure_strategy(config.strategy)
+    if config.prior_bias:
+        segmentor.head.set_class_prior(class_frequencies(labels, segmentor.num_classes))
     segmentor.to(device)
     segmentor.train()
     encoder_frozen = segmentor.encoder_frozen()

@@ -53,6 +53,17 @@ class SegmentationHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
 
+    @torch.no_grad()
+    def set_class_prior(self, frequencies: torch.Tensor, floor: float = 1e-4) -> None:
+        """Set the class biases to log(frequency): before training, the head predicts the label prior.
+
+        Classes rarer than `floor` (absent from the training labels) get log(floor), not minus infinity.
+        """
+        out = self.layers[-1]
+        if frequencies.shape != out.bias.shape:
+            raise ValueError(f"{frequencies.numel()} class frequencies for a head with {out.bias.numel()} classes")
+        out.bias.copy_(frequencies.to(out.bias).clamp(min=floor).log())
+
 
 class Segmentor(nn.Module):
     """U-Net backbone (without its noise output layer) + segmentation head, at a fixed timestep."""

@@ -17,11 +17,12 @@ from DiffusionSegLib.finetune import (
     augment_batch,
     augmented_pool,
     cache_pool_size,
+    class_frequencies,
     finetune,
     segmentation_loss,
 )
 from DiffusionSegLib.preprocessing import PreprocessingSpec
-from DiffusionSegLib.segmentor import Segmentor
+from DiffusionSegLib.segmentor import SegmentationHead, Segmentor
 from DiffusionSegLib.unet import preset_config
 
 CPU = torch.device("cpu")
@@ -119,6 +120,31 @@ def test_finetune_learns_and_freezes_what_it_should(strategy):
     assert any(k.startswith("head.") for k in changed)
     assert bool(changed & encoder) == (strategy == "fs")
     assert bool(changed & decoder) == (strategy != "lp")
+
+
+def test_class_frequencies_and_prior_bias():
+    labels = torch.tensor([[0, 0, 0, 2], [0, 0, 0, 0]])
+    assert torch.allclose(class_frequencies(labels, 4), torch.tensor([0.875, 0.0, 0.125, 0.0], dtype=torch.float64))
+    head = SegmentationHead(8, 16, num_classes=4, layers=0)  # a linear classifier
+    torch.nn.init.zeros_(head.layers[-1].weight)
+    head.set_class_prior(class_frequencies(labels, 4))
+    share = head(torch.randn(1, 8, 5, 5)).softmax(1).mean((0, 2, 3))
+    assert torch.allclose(share, torch.tensor([0.875, 1e-4, 0.125, 1e-4]), atol=1e-3)  # absent classes: the floor, not -inf
+    with pytest.raises(ValueError, match="3 class frequencies for a head with 4 classes"):
+        head.set_class_prior(torch.ones(3))
+
+
+@pytest.mark.parametrize("prior_bias", [False, True])
+def test_prior_bias_starts_the_head_at_the_label_prior(prior_bias):
+    spec = PreprocessingSpec.for_size(64)
+    images, labels = phantom_slices(spec, count=2)
+    torch.manual_seed(0)
+    segmentor = Segmentor(preset_config("tiny"), head_width=32, head_layers=0)
+    initial = segmentor.head.layers[-1].bias.clone()
+    config = FinetuneConfig(strategy="lp", iterations=1, lr=0.0, patience=0, prior_bias=prior_bias, augment=AugmentConfig(enabled=False))
+    finetune(segmentor, images, labels, config, CPU)
+    expected = class_frequencies(labels, segmentor.num_classes).clamp(min=1e-4).log().float() if prior_bias else initial
+    assert torch.allclose(segmentor.head.layers[-1].bias, expected)
 
 
 def test_time_limit_stops_early():

@@ -104,6 +104,7 @@ def test_every_strategy_gets_fresh_augmentation_and_the_same_schedule():
         assert s.cache_copies == 0 and cache_pool_size(s, 4, 1000) == 0  # no fixed pool of augmented copies
         assert s.augment.enabled and s.patience == 0 and s.iterations == 123 and s.seed == 2
     assert [s.strategy for s in settings.values()] == ["ft-dec", "lp", "lp", "fs"]
+    assert [s.prior_bias for s in settings.values()] == [False, True, False, False]  # only the linear head starts at the label prior
 
 
 def test_timesteps_per_strategy():

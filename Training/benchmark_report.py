@@ -18,7 +18,7 @@ from .label_efficiency import STRATEGY_ORDER, LabelledCT, Run, is_curated, predi
 NAMES = {"ft-dec": "FT-dec", "lp": "LP (linear)", "lp-mlp": "LP-MLP (2-layer head)", "fs": "FS (from scratch)"}
 DESCRIPTIONS = {
     "ft-dec": "encoder frozen, decoder and 2-layer head trained",
-    "lp": "the method's linear probe: one 1x1 conv on the frozen decoder features",
+    "lp": "the method's linear probe: one 1x1 conv on the frozen decoder features, biases started at the training labels' log class frequencies",
     "lp-mlp": "the 2-layer conv head on the frozen decoder features",
     "fs": "the same architecture, head and preprocessing from random initialisation, everything trained",
 }

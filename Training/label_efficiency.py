@@ -11,8 +11,9 @@ The method's protocol (its Tables III and IV) at the scale of a few labelled CTs
   method's curated 0.1%), `P%` drawn at random per seed (at least one slice; the rounding is
   reported), `100%` or `all`.
 - Strategies: FT-dec; LP, the method's linear classifier (one 1x1 conv) on the frozen decoder
-  features; LP-MLP, the 2-layer head on the same features; FS, the same architecture, head and
-  preprocessing from random initialisation. Each strategy has its own list of timesteps.
+  features, its class biases started at the training labels' log class frequencies; LP-MLP, the
+  2-layer head on the same features; FS, the same architecture, head and preprocessing from random
+  initialisation. Each strategy has its own list of timesteps.
 - Iterations: one rule for every strategy, clamp(epochs x ceil(slices / batch), min, max).
 - Augmentation: fresh random augmentation at every iteration for every strategy: the fine-tuning
   loop's pool of cached frozen features (a fixed set of augmented copies) is turned off, so frozen
@@ -219,7 +220,8 @@ class BenchmarkConfig:
 
     def finetune_config(self, strategy: str, iterations: int, seed: int) -> FinetuneConfig:
         settings = FinetuneConfig(strategy=finetune_strategy(strategy), iterations=iterations, batch_size=self.batch_size, lr=self.lr, seed=seed,
-                                  patience=0, cache_copies=0)  # no plateau stop; no fixed pool of augmented copies
+                                  patience=0, cache_copies=0,  # no plateau stop; no fixed pool of augmented copies
+                                  prior_bias=HEAD_LAYERS[strategy] == 0)  # a linear head cannot learn the background prior in time
         settings.augment.enabled = self.augment
         return settings
 
