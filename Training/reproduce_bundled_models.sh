@@ -11,14 +11,13 @@
 # 3. grow to 128 px: the 64 px EMA weights start a second run on the 128 px slices (--init; the U-Net
 #    is convolutional and its attention sits at fixed downsampling factors, so the weights fit), 800
 #    iterations of batch 8 (about 55 minutes on 2 CPU cores);
-# 4. export that run's EMA weights as "ddpm-pretrained-800", the backbone the segmentor is built from;
+# 4. export that run's EMA weights as "ddpm-pretrained-800", the start of step 5;
 # 5. continue at 128 px: a second 128 px run started from ddpm-pretrained-800 (--init) on a 4000-iteration
-#    schedule (Adam 2e-4 -> 2e-5), paused after 1804 iterations (--stop-at; about 1.6 hours on 2 CPU cores),
-#    exported (float16) as the bundled "ddpm-pretrained": 2604 iterations at 128 px in all. The 4-slice
-#    figures of step 6 start from it;
-# 6. fine-tune FT-dec on every labelled slice of both labelled CTs, fresh augmentation every
+#    schedule (Adam 2e-4 -> 2e-5), paused after 3200 iterations (--stop-at; about 3 hours on 2 CPU cores),
+#    exported (float16) as the bundled "ddpm-pretrained": 4000 iterations at 128 px in all;
+# 6. fine-tune it with FT-dec on every labelled slice of both labelled CTs, fresh augmentation every
 #    iteration: 300 iterations, then 500 more from that model (--base; the bundled model was built in
-#    these two stages) -> "flare22-segmentor" (float16), from ddpm-pretrained-800 as it was built;
+#    these two stages) -> "flare22-segmentor" (float16);
 # 7. held-out figures (Training.model_figures) and the cards (Training.model_cards);
 # 8. install both into DiffusionSegLib/weights and segment abdomen-ct-a with the default model.
 #
@@ -54,12 +53,12 @@ diffusionseg-train export --run "$work/pretrain64" -o "$work/ddpm-pretrained-64"
 pretrain "$work/slices128" "$work/pretrain128" 800 --init "$work/ddpm-pretrained-64"
 
 diffusionseg-train export --run "$work/pretrain128" -o "$work/ddpm-pretrained-800" --name ddpm-pretrained --half
-pretrain "$work/slices128" "$work/pretrain128b" 4000 --init "$work/ddpm-pretrained-800" --stop-at 1804
+pretrain "$work/slices128" "$work/pretrain128b" 4000 --init "$work/ddpm-pretrained-800" --stop-at 3200
 diffusionseg-train export --run "$work/pretrain128b" -o "$work/ddpm-pretrained" --name ddpm-pretrained --half
 diffusionseg-train sample --model "$work/ddpm-pretrained" -n 16 -o "$work/samples" --sampler ddim --steps 100
 
 echo '{"cache_copies": 0}' > "$work/fresh-augmentation.json"
-diffusionseg finetune --base "$work/ddpm-pretrained-800" --strategy ft-dec \
+diffusionseg finetune --base "$work/ddpm-pretrained" --strategy ft-dec \
     --image "$shared/abdomen-ct-a/ct.nii.gz" --labels "$shared/abdomen-ct-a/labels.nii.gz" \
     --image "$shared/abdomen-ct-c/ct.nii.gz" --labels "$shared/abdomen-ct-c/labels.nii.gz" \
     --iterations 300 --batch-size 8 --patience 0 --config "$work/fresh-augmentation.json" \
@@ -70,22 +69,22 @@ diffusionseg finetune --base "$work/flare22-segmentor-300" --strategy ft-dec \
     --iterations 500 --batch-size 8 --patience 0 --config "$work/fresh-augmentation.json" \
     --half --name flare22-segmentor -o "$work/flare22-segmentor" --progress none
 
-# Held-out figures (about three hours on 2 CPU cores): the segmentor recipe leave one patient out, with and
-# without cleanup, from the backbone it was built from; 4 painted slices with the command's defaults (FT-dec
-# and FS) from the bundled backbone. (--cases adapt adds FT-dec after --adapt 120.)
+# Held-out figures (about two hours on 2 CPU cores): the segmentor recipe's first stage leave one patient out,
+# with and without cleanup (--segmentor-continue 500 adds the second stage); 4 painted slices with the
+# command's defaults (FT-dec and FS), all from the bundled backbone. (--cases adapt adds FT-dec after --adapt 120.)
 cts=(--ct abdomen-ct-a "$shared/abdomen-ct-a/ct.nii.gz" "$shared/abdomen-ct-a/labels.nii.gz"
      --ct abdomen-ct-c "$shared/abdomen-ct-c/ct.nii.gz" "$shared/abdomen-ct-c/labels.nii.gz")
-python -m Training.model_figures --pretrained "$work/ddpm-pretrained-800" "${cts[@]}" -o "$work/figures-seg" --cases segmentor \
-    --segmentor-iterations 300 --segmentor-continue 500
+python -m Training.model_figures --pretrained "$work/ddpm-pretrained" "${cts[@]}" -o "$work/figures-seg" --cases segmentor \
+    --segmentor-iterations 300
 python -m Training.model_figures --pretrained "$work/ddpm-pretrained" "${cts[@]}" -o "$work/figures-4" --cases four-slice
 
 # Cards: data sources and licences, the earlier stages (64 px, the first 128 px run), held-out metrics;
 # cleanup on (it raised held-out DSC). The first call completes ddpm-pretrained-800's card, which the
-# second one keeps as the bundled backbone's history.
+# second one keeps as the bundled backbone's history (and rewrites the segmentor's card).
 python -m Training.model_cards --pretrained "$work/ddpm-pretrained-800" --segmentor "$work/flare22-segmentor" \
     --grown-from "$work/ddpm-pretrained-64/model.json" --figures "$work/figures-seg/figures.json" --cleanup
 python -m Training.model_cards --pretrained "$work/ddpm-pretrained" --segmentor "$work/flare22-segmentor" \
-    --grown-from "$work/ddpm-pretrained-800/model.json" --segmentor-built-from "$work/ddpm-pretrained-800" \
+    --grown-from "$work/ddpm-pretrained-800/model.json" \
     --figures "$work/figures-seg/figures.json" "$work/figures-4/figures.json" --cleanup
 
 mkdir -p "$weights"
