@@ -141,7 +141,7 @@ class DiffusionSegParameterNode:
     model: str = ""
     device: Device = Device.AUTO
     strategy: Strategy = Strategy.FT_DEC
-    iterations: Annotated[int, WithinRange(1, 100000)] = 200
+    iterations: Annotated[int, WithinRange(1, 100000)] = 160
     timeLimitMinutes: Annotated[float, WithinRange(0, 1440)] = 0.0
     timestep: Annotated[int, WithinRange(0, 999)] = 0
     adaptSeconds: Annotated[int, WithinRange(0, 3600)] = 0

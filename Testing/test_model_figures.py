@@ -32,6 +32,8 @@ def test_segmentor_case_trains_continues_and_resumes_without_retraining(tiny_pre
     assert figures[continued]["trained_on"] == "patient-1" and 0.0 <= figures[continued]["patient-2"]["mean_dsc"] <= 1.0
     # The continuation starts from the first model, not from the pretrained one.
     assert read_card(out / continued).provenance["base"]["name"] == read_card(out / first).name
+    # The bundled segmentor's recipe keeps its own learning rate whatever finetune's default is.
+    assert read_card(out / first).provenance["config"]["lr"] == read_card(out / continued).provenance["config"]["lr"] == 1e-4
 
     # Stopped after training, before scoring: the model folder is scored, not trained again.
     trained = (out / f"{continued}.log").stat().st_mtime_ns

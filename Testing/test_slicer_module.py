@@ -146,6 +146,22 @@ def test_parameter_widgets_fit_their_parameters():
     assert {"inputVolume", "device", "strategy", "iterations", "timeLimitMinutes", "timestep"} <= set(connected)
 
 
+def parameter_default(tree: ast.Module, name: str) -> object:
+    """The literal default of one parameter of the @parameterNodeWrapper class."""
+    wrapped = next(c for c in tree.body if isinstance(c, ast.ClassDef) and c.name.endswith("ParameterNode"))
+    statement = next(s for s in wrapped.body if isinstance(s, ast.AnnAssign) and s.target.id == name)
+    return ast.literal_eval(statement.value)
+
+
+def test_finetune_defaults_in_slicer_follow_the_engine():
+    # The panel passes its iterations on every run, so a stale default would quietly override finetune's.
+    from DiffusionSegLib.finetune import FinetuneConfig
+
+    assert parameter_default(module_tree(), "iterations") == FinetuneConfig.iterations
+    spin = ET.parse(UI).getroot().find(".//widget[@name='iterationsSpinBox']/property[@name='value']/number")
+    assert int(spin.text) == FinetuneConfig.iterations
+
+
 def test_node_selectors_get_the_scene():
     root = ET.parse(UI).getroot()
     receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}

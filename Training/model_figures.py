@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapt", type=float, default=120.0, help="seconds of DDPM adaptation in the adapt case (default 120)")
     parser.add_argument("--segmentor-iterations", type=int, default=300, help="FT-dec iterations for the all-slices models (default 300)")
     parser.add_argument("--segmentor-batch", type=int, default=8, help="batch for the all-slices models (default 8)")
+    parser.add_argument("--segmentor-lr", type=float, default=1e-4,
+                        help="backbone learning rate of the all-slices models, the bundled segmentor's recipe (default 1e-4)")
     parser.add_argument("--segmentor-continue", type=int, default=0,
                         help="then continue each all-slices model for this many iterations and score it too (default 0: no)")
     parser.add_argument("--finetune-config", help="JSON settings passed as --config to the four-slice and adapt fine-tunes "
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             fresh = out / "fresh-augmentation.json"  # no fixed pool: 180 slices would get no augmented copies under the cache cap
             write_text(fresh, json.dumps({"cache_copies": 0}) + "\n")
             options = ["--base", str(pretrained), "--iterations", str(args.segmentor_iterations), "--batch-size", str(args.segmentor_batch),
-                       "--patience", "0", "--config", str(fresh)]
+                       "--lr", f"{args.segmentor_lr:g}", "--patience", "0", "--config", str(fresh)]
             labels_path = next(p for n, _, p in args.ct if n == name)
             train_and_score(key, name, Path(labels_path), annotated_input_slices(labels, axes[name]), options)
             keys = [key]

@@ -16,8 +16,8 @@
 #    schedule (Adam 2e-4 -> 2e-5), paused after 3200 iterations (--stop-at; about 3 hours on 2 CPU cores),
 #    exported (float16) as the bundled "ddpm-pretrained": 4000 iterations at 128 px in all;
 # 6. fine-tune it with FT-dec on every labelled slice of both labelled CTs, fresh augmentation every
-#    iteration: 300 iterations, then 500 more from that model (--base; the bundled model was built in
-#    these two stages) -> "flare22-segmentor" (float16);
+#    iteration, backbone lr 1e-4 (finetune's default when it was built): 300 iterations, then 500 more
+#    from that model (--base; the bundled model was built in these two stages) -> "flare22-segmentor" (float16);
 # 7. held-out figures (Training.model_figures) and the cards (Training.model_cards);
 # 8. install both into DiffusionSegLib/weights and segment abdomen-ct-a with the default model.
 #
@@ -61,12 +61,12 @@ echo '{"cache_copies": 0}' > "$work/fresh-augmentation.json"
 diffusionseg finetune --base "$work/ddpm-pretrained" --strategy ft-dec \
     --image "$shared/abdomen-ct-a/ct.nii.gz" --labels "$shared/abdomen-ct-a/labels.nii.gz" \
     --image "$shared/abdomen-ct-c/ct.nii.gz" --labels "$shared/abdomen-ct-c/labels.nii.gz" \
-    --iterations 300 --batch-size 8 --patience 0 --config "$work/fresh-augmentation.json" \
+    --iterations 300 --batch-size 8 --lr 1e-4 --patience 0 --config "$work/fresh-augmentation.json" \
     --half --name flare22-segmentor -o "$work/flare22-segmentor-300" --progress none
 diffusionseg finetune --base "$work/flare22-segmentor-300" --strategy ft-dec \
     --image "$shared/abdomen-ct-a/ct.nii.gz" --labels "$shared/abdomen-ct-a/labels.nii.gz" \
     --image "$shared/abdomen-ct-c/ct.nii.gz" --labels "$shared/abdomen-ct-c/labels.nii.gz" \
-    --iterations 500 --batch-size 8 --patience 0 --config "$work/fresh-augmentation.json" \
+    --iterations 500 --batch-size 8 --lr 1e-4 --patience 0 --config "$work/fresh-augmentation.json" \
     --half --name flare22-segmentor -o "$work/flare22-segmentor" --progress none
 
 # Held-out figures (about two hours on 2 CPU cores): the segmentor recipe's first stage leave one patient out,
