@@ -236,6 +236,7 @@ def test_benchmark_command_reduced(tiny_pretrained, tmp_path, capsys):
     assert "| LP (linear) |" in md and "| FS (from scratch) |" in md
     assert "| 2 slices (organ cover) DSC | 2 slices (organ cover) Jaccard | 1% (1 slice) DSC |" in md
     assert "rounded up to 1 (at least one slice)" in md and "frozen-feature pool is off" in md
+    assert "batch 4 (all training slices when fewer)" in md  # a 1-slice budget trains on batches of 1
     assert "Per-organ DSC (%) at the 2 slices (organ cover) budget" in md and "| a -> b |" in md
     assert (out / "overlays-cross-a-to-b-2.png").stat().st_size > 0 and (out / "overlays-within-b-2.png").stat().st_size > 0
     assert "(overlays-cross-b-to-a-2.png)" in md

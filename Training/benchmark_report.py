@@ -140,7 +140,7 @@ def header(results: dict) -> list[str]:
                                        for name, ct in results["cts"].items()) + ".",
         "- Strategies: " + "; ".join(f"{NAMES.get(s, s)}: {DESCRIPTIONS.get(s, '')}, t = {', '.join(map(str, _timesteps(config, s)))}"
                                      for s in config["strategies"]) + ".",
-        f"- Fine-tuning, the same for every strategy: {rule_text}; batch {config['batch_size']}; Adam, backbone lr {config['lr']:g}, head 10x; "
+        f"- Fine-tuning, the same for every strategy: {rule_text}; batch {config['batch_size']} (all training slices when fewer); Adam, backbone lr {config['lr']:g}, head 10x; "
         + ("augmentation (random affine warp and intensity jitter) drawn fresh for every batch of every strategy: the frozen-feature pool is off, "
            "frozen layers are recomputed without autograd at each step." if config["augment"] else "no augmentation."),
         f"- Seeds: {', '.join(map(str, seeds))} (random budget draws, new layers' initialisation, batch order, augmentation); the organ-cover "
