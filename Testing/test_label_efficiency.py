@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.finetune import cache_pool_size
 from DiffusionSegLib.models import read_card, resolve_model
 from DiffusionSegLib.preprocessing import PreprocessingSpec
+from Training.benchmark_report import seeds_line
 from Training.cli import main as train
 from Training.label_efficiency import (
     BenchmarkConfig,
@@ -29,6 +31,7 @@ from Training.label_efficiency import (
     curated_slices,
     labelled_ct,
     load_pretrained,
+    parse_budget_seeds,
     parse_timesteps,
     plan_runs,
     plan_tasks,
@@ -117,6 +120,18 @@ def test_timesteps_per_strategy():
             parse_timesteps([bad])
 
 
+def test_budget_seeds_narrow_a_costly_budget():
+    assert parse_budget_seeds(["100%=0", "4=0,1", "4=1,2"], ["4", "10%", "100%"]) == {"100%": [0], "4": [0, 1, 2]}
+    for bad in ("50%=0", "100%", "100%=", "100%=x"):
+        with pytest.raises(InputError, match="--budget-seeds"):
+            parse_budget_seeds([bad], ["4", "100%"])
+    config = BenchmarkConfig(budgets=["4", "10%", "100%"], seeds=[0, 1, 2], budget_seeds={"100%": [0], "4": [0, 5]})
+    assert config.seeds_of("10%") == [0, 1, 2] and config.seeds_of("100%") == [0] and config.all_seeds() == [0, 5, 1, 2]
+    line = seeds_line(asdict(config))
+    assert "Per budget: 4 slices: seeds 0, 5; 100%: seed 0." in line and "Fewer than 3 seeds at 4 slices, 100%" in line
+    assert "Fewer" not in seeds_line(asdict(BenchmarkConfig(budgets=["1%"])))
+
+
 @pytest.fixture(scope="module")
 def phantom_cts():
     spec = PreprocessingSpec.for_size(64)
@@ -144,6 +159,10 @@ def test_cross_patient_trains_on_each_ct_and_tests_on_the_other(phantom_cts):
     assert Run("cross", "b", "4", 2, "fs", 0) in runs and Run("cross", "a", "10%", 1, "lp", 100) in runs  # every budget, every seed
     assert Run("cross", "a", "4", 0, "fs", 100) not in runs
     assert runs[0].protocol == "cross" and runs[-1].protocol == "within"
+    config.budget_seeds = {"10%": [1]}  # one seed for one budget; the others keep all three
+    runs = [run for run, _ in plan_runs(config, tasks)]
+    assert {r.seed for r in runs if r.budget == "10%"} == {1} and {r.seed for r in runs if r.budget == "4"} == {0, 1, 2}
+    assert len(runs) == 2 * 2 * (3 + 1) * (1 + 2 + 1)  # protocols x CTs x (budget, seed) pairs x (strategy, timestep)
 
 
 def test_training_data_matches_the_engine(phantom_cts):
@@ -256,6 +275,6 @@ def test_benchmark_rejects_bad_plans(tiny_pretrained, tmp_path, capsys):
     base = ["benchmark", "--pretrained", str(tiny_pretrained), "--image", "x", "--labels", "y", "-o", str(tmp_path)]
     for extra, message in ((["--budgets", "ten"], "--budgets ten"), (["--protocols", "cross"], "two or more"),
                            (["--timesteps", "lp-mlp=0,100"], "not among --strategies"), (["--min-iterations", "9", "--max-iterations", "3"], "at most"),
-                           (["--timesteps", "5000"], "diffusion steps")):
+                           (["--timesteps", "5000"], "diffusion steps"), (["--budget-seeds", "50%=0"], "--budget-seeds 50%=0")):
         assert train([*base, *extra]) == 2
         assert message in capsys.readouterr().err

@@ -118,13 +118,29 @@ def _timesteps(config: dict, strategy: str) -> list[int]:
     return config["timesteps"].get(strategy, [0])
 
 
+def seeds_line(config: dict) -> str:
+    """Which seeds ran, per budget where the plan narrowed them, and where the spread rests on fewer than three."""
+    seeds, per_budget = config["seeds"], config.get("budget_seeds", {})
+    of = {b: per_budget.get(b, seeds) for b in config["budgets"]}
+    label = lambda b: f"{b} slices" if is_curated(b) else b  # noqa: E731
+
+    def listed(b: str) -> str:
+        return f"{label(b)}: seed{'s' if len(of[b]) > 1 else ''} {', '.join(map(str, of[b]))}"
+    line = (f"- Seeds: {', '.join(map(str, seeds))} (random budget draws, new layers' initialisation, batch order, augmentation); the organ-cover "
+            "budget uses the same slices for every seed.")
+    if per_budget:
+        line += " Per budget: " + "; ".join(listed(b) for b in of if b in per_budget) + "."
+    if few := [b for b, s in of.items() if len(s) < 3]:
+        line += f" Fewer than 3 seeds at {', '.join(map(label, few))}: the spread there is a rough figure (none with one seed)."
+    return line
+
+
 def header(results: dict) -> list[str]:
     config, pretrained = results["config"], results["pretrained"]
     rule = config["rule"]
     rule_text = (f"{rule['max_iterations']} iterations for every budget" if rule["min_iterations"] == rule["max_iterations"] else
                  f"iterations = clamp({rule['epochs']} epochs x ceil(training slices / {config['batch_size']}), {rule['min_iterations']}, "
                  f"{rule['max_iterations']}), no early stop")
-    seeds = config["seeds"]
     lines = [
         f"# Label efficiency: {', '.join(results['cts'])}",
         "",
@@ -140,11 +156,11 @@ def header(results: dict) -> list[str]:
                                        for name, ct in results["cts"].items()) + ".",
         "- Strategies: " + "; ".join(f"{NAMES.get(s, s)}: {DESCRIPTIONS.get(s, '')}, t = {', '.join(map(str, _timesteps(config, s)))}"
                                      for s in config["strategies"]) + ".",
-        f"- Fine-tuning, the same for every strategy: {rule_text}; batch {config['batch_size']} (all training slices when fewer); Adam, backbone lr {config['lr']:g}, head 10x; "
+        f"- Fine-tuning, the same for every strategy: {rule_text}; batch {config['batch_size']} (all training slices when fewer); "
+        f"Adam, backbone lr {config['lr']:g}, head 10x; "
         + ("augmentation (random affine warp and intensity jitter) drawn fresh for every batch of every strategy: the frozen-feature pool is off, "
            "frozen layers are recomputed without autograd at each step." if config["augment"] else "no augmentation."),
-        f"- Seeds: {', '.join(map(str, seeds))} (random budget draws, new layers' initialisation, batch order, augmentation); the organ-cover "
-        "budget uses the same slices for every seed." + (" Fewer than 3 seeds: the spread is a rough figure." if len(seeds) < 3 else ""),
+        seeds_line(config),
         "- Scores: per-organ DSC and Jaccard over all test slices taken together on the test CT's own grid; the mean is over organs present "
         "in the test reference or the prediction (an organ the training CT never shows cannot be predicted and scores 0 where the test CT "
         "has it). Cells: mean ± sample std, in %.",
@@ -261,7 +277,8 @@ def overlay_path(out_dir: Path, protocol: str, train_ct: str, test_ct: str, budg
 def write_overlays(out_dir: Path, results: dict, summary: dict, cts: dict[str, LabelledCT]) -> list[Path]:
     """Per task and test CT: its first-budget, first-seed predictions of every strategy on the test slice with the most organs."""
     config = results["config"]
-    budget, seed = config["budgets"][0], config["seeds"][0]
+    budget = config["budgets"][0]
+    seed = config.get("budget_seeds", {}).get(budget, config["seeds"])[0]
     figures = []
     for task in results["tasks"]:
         rows = summary["cross"] if task["protocol"] == "cross" else summary["within"].get(task["train_ct"], [])

@@ -50,6 +50,7 @@ from .label_efficiency import (
     ct_names,
     labelled_ct,
     load_pretrained,
+    parse_budget_seeds,
     parse_timesteps,
     plan_runs,
     plan_tasks,
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timesteps", nargs="+", default=[], metavar="STRATEGY=T,T",
                    help="diffusion timesteps per strategy, e.g. ft-dec=0,100 lp=0,100,200; bare numbers are FT-dec's (default: every strategy at t=0)")
     b.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="every run is repeated per seed (default: 0 1 2)")
+    b.add_argument("--budget-seeds", nargs="+", default=[], metavar="BUDGET=S,S",
+                   help="other seeds for a budget, e.g. 100%%=0 for a costly budget that is not a random draw (default: every budget runs --seeds)")
     b.add_argument("--epochs", type=int, default=IterationRule.epochs,
                    help=f"iterations = clamp(EPOCHS x ceil(slices / batch), MIN, MAX), the same for every strategy (default: {IterationRule.epochs})")
     b.add_argument("--min-iterations", type=int, default=IterationRule.min_iterations, help="MIN of the iterations rule (default: %(default)s)")
@@ -359,7 +362,8 @@ def benchmark_config(args: argparse.Namespace) -> BenchmarkConfig:
     if "cross" in protocols and len(args.image) < 2:
         raise InputError("--protocols cross trains on one CT and tests on another: give two or more --image/--labels pairs")
     return BenchmarkConfig(protocols=list(dict.fromkeys(protocols)), budgets=list(dict.fromkeys(budgets)), strategies=list(dict.fromkeys(args.strategies)),
-                           timesteps=timesteps, seeds=list(dict.fromkeys(args.seeds)), rule=IterationRule(args.epochs, low, high),
+                           timesteps=timesteps, seeds=list(dict.fromkeys(args.seeds)), budget_seeds=parse_budget_seeds(args.budget_seeds, budgets),
+                           rule=IterationRule(args.epochs, low, high),
                            batch_size=args.batch_size, lr=args.lr, block=args.block, augment=not args.no_augment)
 
 

@@ -209,6 +209,7 @@ class BenchmarkConfig:
     strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
     timesteps: dict[str, list[int]] = field(default_factory=dict)  # per strategy; a strategy not named runs at t = 0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    budget_seeds: dict[str, list[int]] = field(default_factory=dict)  # per budget; a budget not named runs every seed
     rule: IterationRule = field(default_factory=IterationRule)
     batch_size: int = 4
     lr: float = 1e-4
@@ -217,6 +218,12 @@ class BenchmarkConfig:
 
     def timesteps_of(self, strategy: str) -> list[int]:
         return self.timesteps.get(strategy, [0])
+
+    def seeds_of(self, budget: str) -> list[int]:
+        return self.budget_seeds.get(budget, self.seeds)
+
+    def all_seeds(self) -> list[int]:
+        return list(dict.fromkeys(s for b in self.budgets for s in self.seeds_of(b)))
 
     def finetune_config(self, strategy: str, iterations: int, seed: int) -> FinetuneConfig:
         settings = FinetuneConfig(strategy=finetune_strategy(strategy), iterations=iterations, batch_size=self.batch_size, lr=self.lr, seed=seed,
@@ -242,6 +249,23 @@ def parse_timesteps(tokens: list[str]) -> dict[str, list[int]]:
             raise InputError(f"--timesteps {token}: give non-negative integer timesteps, e.g. {name}=0,100")
         chosen.setdefault(name, [])
         chosen[name] += [t for t in steps if t not in chosen[name]]
+    return chosen
+
+
+def parse_budget_seeds(tokens: list[str], budgets: list[str]) -> dict[str, list[int]]:
+    """`100%=0 4=0,1`: the seeds of a budget, e.g. one seed for a costly budget that is not a random draw."""
+    chosen: dict[str, list[int]] = {}
+    for token in tokens:
+        budget, sep, values = token.rpartition("=")
+        if not sep or budget not in budgets:
+            raise InputError(f"--budget-seeds {token}: use BUDGET=S,S... with one of --budgets ({' '.join(budgets)}), e.g. 100%=0")
+        try:
+            seeds = [int(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            seeds = []
+        if not seeds:
+            raise InputError(f"--budget-seeds {token}: give integer seeds, e.g. {budget}=0,1")
+        chosen[budget] = list(dict.fromkeys(chosen.get(budget, []) + seeds))
     return chosen
 
 
@@ -362,8 +386,8 @@ def plan_runs(config: BenchmarkConfig, tasks: list[Task]) -> list[tuple[Run, Tas
     """Every (budget, seed, strategy, timestep) on every task; seeds outermost, so a stopped benchmark has whole tables."""
     runs = []
     for protocol in PROTOCOLS:
-        for seed in config.seeds:
-            for budget in config.budgets:
+        for seed in config.all_seeds():
+            for budget in (b for b in config.budgets if seed in config.seeds_of(b)):
                 for task in (t for t in tasks if t.protocol == protocol):
                     for strategy in config.strategies:
                         runs += [(Run(protocol, task.train.name, budget, seed, strategy, t), task) for t in config.timesteps_of(strategy)]
@@ -468,7 +492,7 @@ def run_benchmark(
             continue
         record, predictions = run_one(run, task, train, FinetuneConfig.from_dict(settings["finetune"]), pretrained, device)
         record["settings"] = settings
-        if run.budget == config.budgets[0] and run.seed == config.seeds[0]:  # kept for the overlay figures
+        if run.budget == config.budgets[0] and run.seed == config.seeds_of(run.budget)[0]:  # kept for the overlay figures
             for ct, _ in task.tests:
                 _write_atomic_image(predictions[ct.name], ct.labels, prediction_path(runs_dir, run, ct.name))
         write_text(path, json.dumps(record, indent=1) + "\n")
