@@ -269,6 +269,15 @@ def test_benchmark_command_reduced(tiny_pretrained, tmp_path, capsys):
     assert train([*common, "--protocols", "cross", "--budgets", "2", "--strategies", "lp", "--iterations", "2"]) == 0
     assert "(reused)" not in capsys.readouterr().out
     assert {r["iterations"] for r in json.loads((out / "report.json").read_text(encoding="utf-8"))["runs"]} == {2}
+    # --report-only trains nothing: FS at 2 iterations has not run, so the report names those runs as missing.
+    fs_run = out / "runs" / "cross-a-2-seed0-fs-t0.json"
+    before = fs_run.read_text(encoding="utf-8")
+    assert train([*common, "--protocols", "cross", "--budgets", "2", "--strategies", "lp", "fs", "--iterations", "2", "--report-only"]) == 0
+    assert "2 planned runs are not run yet" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["missing"] == ["cross-a-2-seed0-fs-t0", "cross-b-2-seed0-fs-t0"] and {r["strategy"] for r in report["runs"]} == {"lp"}
+    assert "**Interim report**: 2 of 4 planned runs finished" in (out / "report.md").read_text(encoding="utf-8")
+    assert fs_run.read_text(encoding="utf-8") == before  # the earlier FS run (other settings) is left as it was
 
 
 def test_benchmark_rejects_bad_plans(tiny_pretrained, tmp_path, capsys):

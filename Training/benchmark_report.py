@@ -135,6 +135,15 @@ def seeds_line(config: dict) -> str:
     return line
 
 
+def missing_line(results: dict) -> list[str]:
+    """An interim report (--report-only) says how much of the plan it covers and what is not run yet."""
+    if not (missing := results.get("missing")):
+        return []
+    shown = ", ".join(f"`{key}`" for key in missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+    return [f"- **Interim report**: {len(results['runs'])} of {len(results['runs']) + len(missing)} planned runs finished; "
+            f"not run yet: {shown}. Cells average the runs that finished (see the per-direction table)."]
+
+
 def header(results: dict) -> list[str]:
     config, pretrained = results["config"], results["pretrained"]
     rule = config["rule"]
@@ -161,6 +170,7 @@ def header(results: dict) -> list[str]:
         + ("augmentation (random affine warp and intensity jitter) drawn fresh for every batch of every strategy: the frozen-feature pool is off, "
            "frozen layers are recomputed without autograd at each step." if config["augment"] else "no augmentation."),
         seeds_line(config),
+        *missing_line(results),
         "- Scores: per-organ DSC and Jaccard over all test slices taken together on the test CT's own grid; the mean is over organs present "
         "in the test reference or the prediction (an organ the training CT never shows cannot be predicted and scores 0 where the test CT "
         "has it). Cells: mean ± sample std, in %.",

@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lr", type=float, default=BenchmarkConfig.lr, help="backbone learning rate; the head uses 10x (default: %(default)s)")
     b.add_argument("--block", type=int, default=BenchmarkConfig.block, help="contiguous slices per block of the within-CT split (default: %(default)s)")
     b.add_argument("--no-augment", action="store_true", help="fine-tune without augmentation (default: off, augmentation on)")
+    b.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the runs finished so far and name the missing ones (default: off, run the plan)")
     b.add_argument("--device", default="auto", help="compute device: auto (CUDA, MPS, then CPU), cuda, mps or cpu (default: %(default)s)")
     return parser
 
@@ -388,8 +390,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         bar.write(f"{run.key}: {len(record['train_slices'])} slices, {record['iterations']} iterations, {scores}"
                   f"{' (reused)' if reused else ', ' + str(record['train_seconds']) + ' s'}")
 
-    results = run_benchmark(pretrained, cts, out, config, device, on_run=report)
+    results = run_benchmark(pretrained, cts, out, config, device, on_run=report, report_only=args.report_only)
     bar.close()
+    if results["missing"]:
+        print(f"{len(results['missing'])} planned runs are not run yet; the report covers the finished ones")
     results["command"] = args.command_line
     summary = summarise(results)
     figures = write_overlays(out, results, summary, {ct.name: ct for ct in cts})

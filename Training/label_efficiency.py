@@ -475,12 +475,17 @@ def run_benchmark(
     config: BenchmarkConfig,
     device: torch.device,
     on_run: Callable[[Run, dict, bool], None] | None = None,
+    report_only: bool = False,
 ) -> dict:
-    """All runs of the plan (finished ones with the same settings are read back, not redone); the raw results."""
+    """All runs of the plan (finished ones with the same settings are read back, not redone); the raw results.
+
+    `report_only` trains nothing: the results hold the finished runs and name the missing ones (an interim
+    report of a long benchmark, or one split over several processes).
+    """
     tasks = plan_tasks(cts, config.protocols, config.block)
     runs_dir = out_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, missing = [], []
     for run, task in plan_runs(config, tasks):
         train = budget_slices(run.budget, run.seed, task.pool)
         settings = run_settings(config, run, task, train, pretrained)
@@ -489,6 +494,9 @@ def run_benchmark(
             records.append(saved)
             if on_run:
                 on_run(run, saved, True)
+            continue
+        if report_only:
+            missing.append(run.key)
             continue
         record, predictions = run_one(run, task, train, FinetuneConfig.from_dict(settings["finetune"]), pretrained, device)
         record["settings"] = settings
@@ -507,6 +515,7 @@ def run_benchmark(
         "config": asdict(config),
         "budgets": budget_table(config, tasks),
         "runs": records,
+        "missing": missing,
     }
 
 
