@@ -122,10 +122,13 @@ def seeds_line(config: dict) -> str:
     """Which seeds ran, per budget where the plan narrowed them, and where the spread rests on fewer than three."""
     seeds, per_budget = config["seeds"], config.get("budget_seeds", {})
     of = {b: per_budget.get(b, seeds) for b in config["budgets"]}
-    label = lambda b: f"{b} slices" if is_curated(b) else b  # noqa: E731
+
+    def label(b: str) -> str:
+        return f"{b} slices" if is_curated(b) else b
 
     def listed(b: str) -> str:
         return f"{label(b)}: seed{'s' if len(of[b]) > 1 else ''} {', '.join(map(str, of[b]))}"
+
     line = (f"- Seeds: {', '.join(map(str, seeds))} (random budget draws, new layers' initialisation, batch order, augmentation); the organ-cover "
             "budget uses the same slices for every seed.")
     if per_budget:

@@ -19,11 +19,13 @@ The method's protocol (its Tables III and IV) at the scale of a few labelled CTs
   loop's pool of cached frozen features (a fixed set of augmented copies) is turned off, so frozen
   layers are recomputed, without autograd, on each new batch.
 - Seeds: every run is repeated per seed (the random draw of a budget, the new layers' initialisation,
-  batch order and augmentation); scores are mean +- std over seeds (and directions).
+  batch order and augmentation); scores are mean +- std over seeds (and directions). A budget may run
+  its own seeds (one for the costly 100%, which is not a random draw).
 - Metrics: per-organ DSC and Jaccard over the test slices taken together, on the test CT's own grid.
 
 Every run is saved as it finishes (runs/*.json) with the settings it ran under, so an interrupted
-benchmark resumes and a changed plan redoes only the runs whose settings changed.
+benchmark resumes, a changed plan redoes only the runs whose settings changed, a plan can be split over
+processes writing to one folder, and an interim report covers the runs finished so far.
 """
 
 from __future__ import annotations
