@@ -129,6 +129,7 @@ def test_budget_seeds_narrow_a_costly_budget():
     assert config.seeds_of("10%") == [0, 1, 2] and config.seeds_of("100%") == [0] and config.all_seeds() == [0, 5, 1, 2]
     line = seeds_line(asdict(config))
     assert "Per budget: 4 slices: seeds 0, 5; 100%: seed 0." in line and "Fewer than 3 seeds at 4 slices, 100%" in line
+    assert "with one seed, a cross-patient cell spreads over directions only" in line
     assert "Fewer" not in seeds_line(asdict(BenchmarkConfig(budgets=["1%"])))
 
 
