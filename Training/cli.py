@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at", type=int, metavar="STEP",
                    help="pause after this step with a checkpoint, the schedule still that of --iterations; --resume continues "
                         "(default: run to --iterations)")
+    t.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="likewise pause, with a checkpoint, once the training loop has run this many seconds (a wall-clock budget; "
+                        "the learning-rate schedule stays that of --iterations) (default: no limit)")
     for f in fields(PretrainConfig):
         flag = "--" + f.name.replace("_", "-")
         # None defaults are decided at run time; PretrainConfig's field comment says how
@@ -242,8 +245,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     settings = _read_settings(args.config) if args.config else {}
     settings.update({f.name: getattr(args, f.name) for f in fields(PretrainConfig) if getattr(args, f.name) is not None})
     config = PretrainConfig.from_dict(settings)
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise InputError("--time-limit must be a positive number of seconds")
     summary = pretrain(args.data, args.out, config, resume=args.resume, show_progress=not args.no_progress,
-                       fit_batch_size="batch_size" not in settings, stop_at=args.stop_at)
+                       fit_batch_size="batch_size" not in settings, stop_at=args.stop_at, time_limit=args.time_limit)
     print(json.dumps(summary))
     return 0
 

@@ -240,18 +240,20 @@ class TrainingStopped(InputError):
 
 
 def pretrain(data: str | Path, run_dir: str | Path, config: PretrainConfig, resume: bool = False, show_progress: bool = True,
-             fit_batch_size: bool = False, stop_at: int | None = None) -> dict:
+             fit_batch_size: bool = False, stop_at: int | None = None, time_limit: float | None = None) -> dict:
     """Train (or continue training) a noise predictor; returns a summary of the run.
 
     `fit_batch_size`: the batch size was not chosen by the user, so on the CPU a smaller one that fits in memory may be taken.
     `stop_at`: pause after this step with a checkpoint, the learning-rate schedule still that of `config.iterations`
     (a run budgeted in pieces; `resume` continues it). Not a setting of the run, so it does not block resuming.
+    `time_limit`: likewise pause, with a checkpoint, after the step during which this many seconds of the training loop have passed
+    (a wall-clock budget; the first step's compilation counts, the setup before the loop does not).
     """
     data, run_dir = Path(data), Path(run_dir)
     env = setup_distributed()
     try:
         with tf32_matmuls():
-            return _train(data, run_dir, config, resume, show_progress, env, fit_batch_size, stop_at)
+            return _train(data, run_dir, config, resume, show_progress, env, fit_batch_size, stop_at, time_limit)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -271,7 +273,7 @@ def _guard_memory(model: UNetModel, diffusion: GaussianDiffusion, config: Pretra
 
 
 def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show_progress: bool, env: Distributed,
-           fit_batch_size: bool = False, stop_at: int | None = None) -> dict:
+           fit_batch_size: bool = False, stop_at: int | None = None, time_limit: float | None = None) -> dict:
     dataset = _check_data(data, config)
     latest, saved_config = _check_resume(run_dir, config, resume)
     if saved_config:
@@ -348,6 +350,7 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
 
     with Preemption() as preemption:
         end = min(config.iterations, stop_at) if stop_at is not None else config.iterations
+        deadline = time.monotonic() + time_limit if time_limit is not None else math.inf
         while step < end and stopped_by == "iterations":
             sampler.set_epoch(epoch)
             for i, x0 in enumerate(loader):
@@ -387,10 +390,12 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
                 if config.sample_every and step % config.sample_every == 0 and env.main:
                     save_sample_grid(ema, diffusion, run_dir / "samples" / f"step-{step:08d}.png", config.sample_count, config.sample_steps, device)
                 stop = _agree(preemption.requested, env, device)
-                if step % config.checkpoint_every == 0 or step == end or stop:
+                # Every rank agrees on the budget too: their clocks differ by a step's skew.
+                out_of_time = _agree(time.monotonic() >= deadline, env, device) if time_limit is not None else False
+                if step % config.checkpoint_every == 0 or step == end or stop or out_of_time:
                     checkpoint()
-                if stop:
-                    stopped_by = "signal"
+                if stop or out_of_time:
+                    stopped_by = "signal" if stop else "time-limit"
                     break
                 if step >= end:
                     break
