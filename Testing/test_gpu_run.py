@@ -144,3 +144,26 @@ def test_reduced_run_on_the_real_data_through_fine_tuning(tmp_path):
     assert stages["prepare"]["inputs_skipped"] == 0 and stages["prepare"]["slices"] > 800
     assert "abdomen-ct-ircadb01/labels.nii.gz" in stages["finetune"]["command"]
     assert stages["finetune"]["cts"]["abdomen-ct-ircadb01"] == {"organs": 4}
+
+
+def _peer_speed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("peer_speed", ROOT / "Testing" / "benchmarks" / "peer_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_network_has_the_nnunet_shape_and_windows():
+    """The speed benchmark's peer: nnU-Net's 6-stage PlainConvUNet (about 31 M parameters) and its window placement, 4 windows of
+    128^3 at step 0.5 on the 128 x 137 x 137 grid of a 512 x 512 x 200 CT at 3 mm."""
+    peer = _peer_speed()
+    network = peer.plain_conv_unet(118)
+    assert 30e6 < sum(p.numel() for p in network.parameters()) < 33e6
+    assert [peer.window_starts(n, 128) for n in (128, 137, 137)] == [[0], [0, 9], [0, 9]]
+    assert peer.window_starts(300, 128) == [0, 57, 115, 172]
+    import torch
+
+    labels, windows = peer.sliding_window_argmax(peer.plain_conv_unet(3).eval(), torch.zeros(64, 70, 64), 3, 64, torch.device("cpu"))
+    assert labels.shape == (64, 70, 64) and windows == 2
