@@ -48,14 +48,12 @@ if str(_engine_parent()) not in sys.path:
     sys.path.insert(0, str(_engine_parent()))
 
 # The bridge needs only numpy and the standard library, which Slicer always has.
-from DiffusionSegLib.bridge import annotation, commands, dependencies, model_cards, sample, statistics  # noqa: E402
+from DiffusionSegLib.bridge import annotation, commands, dependencies, model_cards, sample, scene, statistics  # noqa: E402
 from DiffusionSegLib.bridge.progress_parser import LogLine, Message, ProgressUpdate  # noqa: E402
 from DiffusionSegLib.bridge.runner import BackgroundRun  # noqa: E402
+from DiffusionSegLib.bridge.scene import UNCERTAINTY_ATTRIBUTE  # noqa: E402
 from DiffusionSegLib.bridge.uncertainty import check_report, rank_slices  # noqa: E402
 
-ANNOTATED_SLICES_ATTRIBUTE = "DiffusionSeg.AnnotatedSlices"  # JSON list of slice indices the user annotated
-WRITTEN_LABELS_ATTRIBUTE = "DiffusionSeg.WrittenLabels"  # file of the labels last written back (bridge.annotation)
-UNCERTAINTY_ATTRIBUTE = "DiffusionSeg.Uncertainty"  # JSON uncertainty report of the last segmentation
 POLL_INTERVAL_MS = 200
 CANCEL_GRACE_S = 15  # a cancelled run that has not ended by then is killed
 
@@ -714,79 +712,26 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("{path} is not one of your fine-tuned models; bundled models cannot be deleted here.").format(path=path))
         shutil.rmtree(path)
 
-    # --- scene I/O ---
+    # --- scene work: DiffusionSegLib.bridge.scene, on the open scene ---
 
     @staticmethod
-    def exportVolume(volumeNode, path: Path) -> Path:
-        """Write a volume with a temporary storage node, leaving the node's own storage (and file name) alone."""
-        storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-        try:
-            storageNode.SetFileName(str(path))
-            storageNode.UseCompressionOff()
-            if not storageNode.WriteData(volumeNode):
-                raise RuntimeError(_("Cannot write {name} to {path}").format(name=volumeNode.GetName(), path=path))
-        finally:
-            slicer.mrmlScene.RemoveNode(storageNode)
-        return path
+    def sceneOps() -> scene.SceneOps:
+        return scene.SceneOps(slicer.mrmlScene, slicer.modules.segmentations.logic())
 
-    @staticmethod
-    def exportSegmentation(segmentationNode, path: Path) -> Path:
-        """Write a segmentation as Slicer saves it (.seg.nrrd), with a temporary storage node."""
-        storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-        try:
-            storageNode.SetFileName(str(path))
-            if not storageNode.WriteData(segmentationNode):
-                raise RuntimeError(_("Cannot write {name} to {path}").format(name=segmentationNode.GetName(), path=path))
-        finally:
-            slicer.mrmlScene.RemoveNode(storageNode)
-        return path
+    def exportVolume(self, volumeNode, path: Path) -> Path:
+        return self.sceneOps().export_volume(volumeNode, path)
+
+    def exportSegmentation(self, segmentationNode, path: Path) -> Path:
+        return self.sceneOps().export_segmentation(segmentationNode, path)
 
     def importSegmentation(self, path: Path, segmentationNode, volumeNode) -> None:
-        """Replace the organ segments of `segmentationNode` by those of a .seg.nrrd and tie it to the CT.
+        self.sceneOps().import_segmentation(path, segmentationNode, volumeNode)
 
-        The file is read into a temporary node: ReadData makes its storage node the node's own, so reading
-        into `segmentationNode` directly would unlink it from the file it was loaded from or saved to.
-        Segments that match no organ (a tumour, a landmark) are the user's and stay as they are.
-        """
-        loaded = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName("DiffusionSeg temporary"))
-        loaded.HideFromEditorsOn()
-        storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-        try:
-            storageNode.SetFileName(str(path))
-            if not storageNode.ReadData(loaded):
-                raise RuntimeError(_("Cannot read the segmentation {path}").format(path=path))
-            target, source = segmentationNode.GetSegmentation(), loaded.GetSegmentation()
-            wasModifying = segmentationNode.StartModify()
-            try:
-                ids = list(target.GetSegmentIDs())
-                organIds = annotation.segment_organ_ids([self._segmentNameAndTerminology(target, i) for i in ids])
-                for segmentId, organ in zip(ids, organIds, strict=True):
-                    if organ is not None:
-                        target.RemoveSegment(segmentId)
-                for segmentId in list(source.GetSegmentIDs()):
-                    target.CopySegmentFromSegmentation(source, segmentId)
-            finally:
-                segmentationNode.EndModify(wasModifying)
-        finally:
-            slicer.mrmlScene.RemoveNode(storageNode)
-            slicer.mrmlScene.RemoveNode(loaded)
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID())
-        segmentationNode.CreateDefaultDisplayNodes()
-
-    @staticmethod
-    def placeBeside(node, volumeNode) -> None:
-        """Put `node` under the CT's parent (study) in the subject hierarchy."""
-        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        parent = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
-        shNode.SetItemParent(shNode.GetItemByDataNode(node), parent)
+    def placeBeside(self, node, volumeNode) -> None:
+        self.sceneOps().place_beside(node, volumeNode)
 
     def newSegmentation(self, volumeNode, suffix: str):
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} {suffix}")
-        node.CreateDefaultDisplayNodes()
-        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        self.placeBeside(node, volumeNode)
-        return node
+        return self.sceneOps().new_segmentation(volumeNode, suffix)
 
     @staticmethod
     def workFolder(kind: str) -> Path:
@@ -796,32 +741,9 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
 
     def prepareAnnotation(self, volumeNode, segmentationNode=None):
         """A segmentation with all 13 organ segments (missing ones added empty, with terminology), ready to paint."""
-        from DiffusionSegLib.organs import ORGANS, match_organ, terminology_string
-
         if volumeNode is None:
             raise ValueError(_("Select a CT volume first."))
-        if segmentationNode is None:
-            segmentationNode = self.newSegmentation(volumeNode, "annotation")
-        else:
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        segmentation = segmentationNode.GetSegmentation()
-        present = {organ.label for organ in filter(None, (match_organ(*self._segmentNameAndTerminology(segmentation, i))
-                                                          for i in segmentation.GetSegmentIDs()))}
-        for organ in ORGANS:
-            if organ.label in present:
-                continue
-            segmentId = segmentation.AddEmptySegment(f"Segment_{organ.label}", organ.display_name, organ.color_float)
-            segment = segmentation.GetSegment(segmentId)
-            segment.SetTerminology(terminology_string(organ))
-            segment.SetNameAutoGenerated(False)
-            segment.SetColorAutoGenerated(False)
-        segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID())
-        return segmentationNode
-
-    @staticmethod
-    def _segmentNameAndTerminology(segmentation, segmentId: str) -> tuple[str, str | None]:
-        segment = segmentation.GetSegment(segmentId)
-        return segment.GetName(), segment.GetTerminology() or None
+        return self.sceneOps().prepare_annotation(volumeNode, segmentationNode)
 
     @staticmethod
     def openSegmentEditor(segmentationNode, volumeNode) -> None:
@@ -830,55 +752,9 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         editor.setSegmentationNode(segmentationNode)
         editor.setSourceVolumeNode(volumeNode)
 
-    @staticmethod
-    def axialAxis(volumeNode) -> int:
-        directions = [[0.0] * 3 for _ in range(3)]
-        volumeNode.GetIJKToRASDirections(directions)
-        return annotation.axial_axis(annotation.lps_direction_from_ras(directions))
-
-    def _labelsOnVolume(self, segmentationNode, volumeNode) -> tuple[np.ndarray, list[str]]:
-        """The segmentation as FLARE22 labels on the CT grid (k, j, i) and the names of non-empty unmatched segments."""
-        segmentation = segmentationNode.GetSegmentation()
-        ids = list(segmentation.GetSegmentIDs())
-        labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-        try:
-            segmentIds = vtk.vtkStringArray()
-            for segmentId in ids:
-                segmentIds.InsertNextValue(segmentId)
-            # with a reference volume the labelmap has exactly its grid; value = position in `ids` + 1
-            slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentationNode, segmentIds, labelmapNode, volumeNode)
-            values = slicer.util.arrayFromVolume(labelmapNode)
-            if values.shape != slicer.util.arrayFromVolume(volumeNode).shape:
-                raise RuntimeError(_("The exported labelmap does not match the CT grid; is the segmentation transformed?"))
-            names = [self._segmentNameAndTerminology(segmentation, i) for i in ids]
-            labels, unmatched = annotation.organ_labels(values, annotation.segment_organ_ids(names))
-        finally:
-            # The export adds a "<name>_ColorTable" node for the labelmap; it goes with it (as arrayFromSegmentBinaryLabelmap does).
-            displayNode = labelmapNode.GetDisplayNode()
-            colorNode = displayNode.GetColorNode() if displayNode else None
-            if colorNode is not None:
-                slicer.mrmlScene.RemoveNode(colorNode)
-            slicer.mrmlScene.RemoveNode(labelmapNode)
-        return labels, [segmentation.GetSegment(ids[n]).GetName() for n in unmatched]
-
-    @staticmethod
-    def _recorded(segmentationNode) -> list[int]:
-        text = segmentationNode.GetAttribute(ANNOTATED_SLICES_ATTRIBUTE)
-        return [int(i) for i in json.loads(text)] if text else []
-
-    @staticmethod
-    def _writtenPath(segmentationNode) -> Path | None:
-        text = segmentationNode.GetAttribute(WRITTEN_LABELS_ATTRIBUTE)
-        return Path(text) if text and Path(text).is_file() else None
-
     def annotationStatus(self, segmentationNode, volumeNode) -> dict:
         """Annotated axial slices, organs painted on them and unmatched segment names (numpy only: runs before any install)."""
-        labels, unmatched = self._labelsOnVolume(segmentationNode, volumeNode)
-        axis = self.axialAxis(volumeNode)
-        # written for another CT grid (None): fall back to what was recorded
-        written = annotation.load_written_labels(self._writtenPath(segmentationNode), labels.shape)
-        slices = annotation.annotated_slices(labels, axis, written, self._recorded(segmentationNode))
-        return {**annotation.annotation_summary(labels, slices, axis), "unmatched": unmatched}
+        return self.sceneOps().annotation_status(segmentationNode, volumeNode)
 
     @staticmethod
     def writtenLabelsFolder() -> Path:
@@ -886,9 +762,8 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
 
     def pruneWrittenLabels(self) -> None:
         """Delete long-unused written-labels files; those of segmentations in the open scene stay."""
-        inUse = [self._writtenPath(node) for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")]
         try:
-            for path in annotation.prune_written_labels(self.writtenLabelsFolder(), keep=[p for p in inUse if p is not None]):
+            for path in annotation.prune_written_labels(self.writtenLabelsFolder(), keep=self.sceneOps().written_paths_in_use()):
                 logging.info(f"DiffusionSeg: deleted unused {path}")
         except OSError as e:  # housekeeping must never stop the panel from loading
             logging.warning(f"DiffusionSeg: could not clean up {self.writtenLabelsFolder()}: {e}")
@@ -907,7 +782,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             parameters.SetParameter(f"{pluginName}.enabled", str(pluginName in statistics.PLUGINS))
         statisticsLogic.computeStatistics()
         segmentation = segmentationNode.GetSegmentation()
-        names = {i: self._segmentNameAndTerminology(segmentation, i) for i in segmentation.GetSegmentIDs()}
+        names = {i: scene.segment_name_and_terminology(segmentation, i) for i in segmentation.GetSegmentIDs()}
         rows, absent = statistics.organ_volumes(statisticsLogic.getStatistics(), names)
         return statistics.describe_volumes(rows, absent)
 
@@ -1021,8 +896,8 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         ct = self.exportVolume(volumeNode, folder / "ct.nrrd")
         annotationFile = self.exportSegmentation(annotationNode, folder / "annotation.seg.nrrd")
         painted = folder / "painted.seg.nrrd"
-        writtenPath = self._writtenPath(annotationNode)
-        summary = prepare_annotation(ct, annotationFile, painted, self._recorded(annotationNode), writtenPath)
+        writtenPath = scene.written_path(annotationNode)
+        summary = prepare_annotation(ct, annotationFile, painted, scene.recorded_slices(annotationNode), writtenPath)
         self.logCallback(_("Fine-tuning on {count} annotated slices; organs: {organs}").format(
             count=len(summary["slices"]), organs=", ".join(summary["organs"])))
         folderName = commands.model_folder_name(name or volumeNode.GetName(), [i.name for i in model_cards.list_models()])
@@ -1059,21 +934,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
 
     def writeBack(self, volumeNode, annotationNode, ct: Path, prediction: Path, painted: Path, slices: list[int], report: Path) -> None:
         """Load prediction + painted slices into the annotation node and remember what was written."""
-        from DiffusionSegLib.writeback import write_back  # the file side: needs the installed packages
-
-        # One file per segmentation, overwritten at each write-back (old .nrrd ones from earlier versions are replaced).
-        written = self._writtenPath(annotationNode)
-        if written is None or written.suffix != annotation.WRITTEN_SUFFIX:
-            written = annotation.new_written_path(self.writtenLabelsFolder())
-        merged = prediction.with_name("merged.seg.nrrd")
-        write_back(ct, prediction, painted, merged, slices, written)
-        self.importSegmentation(merged, annotationNode, volumeNode)
-        annotationNode.SetAttribute(ANNOTATED_SLICES_ATTRIBUTE, json.dumps(sorted(slices)))
-        previous = self._writtenPath(annotationNode)
-        annotationNode.SetAttribute(WRITTEN_LABELS_ATTRIBUTE, str(written))
-        if previous is not None and previous != written:
-            previous.unlink(missing_ok=True)
-        annotationNode.SetAttribute(UNCERTAINTY_ATTRIBUTE, report.read_text(encoding="utf-8"))
+        self.sceneOps().write_back(volumeNode, annotationNode, ct, prediction, painted, slices, report, self.writtenLabelsFolder())
 
     # --- suggestions ---
 
@@ -1093,13 +954,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
 
     def jumpToSlice(self, volumeNode, index: int) -> None:
         """Centre all slice views on axial slice `index` of the CT."""
-        dims = volumeNode.GetImageData().GetDimensions()
-        ijk = [(n - 1) / 2.0 for n in dims]
-        ijk[self.axialAxis(volumeNode)] = index
-        matrix = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(matrix)
-        ras = matrix.MultiplyPoint([*ijk, 1.0])[:3]
-        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+        self.sceneOps().jump_to_slice(volumeNode, index)
 
 
 #
@@ -1195,9 +1050,9 @@ class DiffusionSegTest(ScriptedLoadableModuleTest):
             for segmentId in resultSegmentation.GetSegmentIDs():
                 segment = resultSegmentation.GetSegment(segmentId)
                 self.assertIn(segment.GetName(), names)
-                self.assertIsNotNone(logic._segmentNameAndTerminology(resultSegmentation, segmentId)[1])
+                self.assertIsNotNone(scene.segment_name_and_terminology(resultSegmentation, segmentId)[1])
             self.assertEqual(result.GetNodeReference(result.GetReferenceImageGeometryReferenceRole()), volume)
-            labelmap, _unmatched = logic._labelsOnVolume(result, volume)
+            labelmap, _unmatched = logic.sceneOps().labels_on_volume(result, volume)
             self.assertEqual(labelmap.shape, slicer.util.arrayFromVolume(volume).shape)
             shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
             self.assertEqual(shNode.GetItemParent(shNode.GetItemByDataNode(result)), shNode.GetItemParent(shNode.GetItemByDataNode(volume)))

@@ -1,10 +1,10 @@
 """Helpers for the tests of the Slicer module: a random tiny segmentation model, painted slices, a launcher-like
-wrapper, and a stand-in for the few parts of 3D Slicer that DiffusionSeg.py touches (so widget and logic
-methods run under pytest)."""
+wrapper, and DiffusionSeg.py loaded against Slicer's real MRML and segmentation libraries (Kitware's slicer-core
+wheel) with stand-ins only for what that wheel lacks: Qt and the application (slicer.app, its event loop,
+slicer.modules, message boxes, translation, the parameter node wrapper, the scripted-module base classes)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import sys
 import types
@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -50,131 +51,95 @@ def keep_array_slices(labels: sitk.Image, indices: Iterable[int]) -> sitk.Image:
     return image
 
 
-# --- a stand-in for the parts of 3D Slicer the module touches, to run widget and logic methods without Slicer ---
+# --- DiffusionSeg.py against real slicer-core, with stand-ins for Qt and the application only ---
 
 MODULE_PATH = Path(__file__).resolve().parents[1] / "DiffusionSegExtension" / "DiffusionSeg.py"
 
 # A wrapper that behaves like Slicer's PythonSlicer launcher: it runs the real Python as its own child and waits.
 LAUNCHER = "import subprocess, sys\nsys.exit(subprocess.call(sys.argv[1:]))\n"
 
-
-class FakeNode:
-    """An MRML node: an id, a name, attributes, an optional display node."""
-
-    def __init__(self, scene: FakeScene, className: str, name: str = "") -> None:
-        self.scene, self.className, self.name = scene, className, name
-        self.attributes: dict[str, str] = {}
-        self.displayNode: FakeNode | None = None
-        self.hidden = False
-
-    def GetID(self) -> str:
-        return f"{self.className}{id(self)}"
-
-    def GetName(self) -> str:
-        return self.name
-
-    def GetDisplayNode(self) -> FakeNode | None:
-        return self.displayNode
-
-    def GetColorNode(self) -> FakeNode | None:
-        return getattr(self, "colorNode", None)
-
-    def GetAttribute(self, name: str) -> str | None:
-        return self.attributes.get(name)
-
-    def SetAttribute(self, name: str, value: str) -> None:
-        self.attributes[name] = value
-
-    def HideFromEditorsOn(self) -> None:
-        self.hidden = True
-
-    def GetSegmentation(self) -> FakeSegmentation:
-        if not hasattr(self, "segmentation"):
-            self.segmentation = FakeSegmentation({})
-        return self.segmentation
-
-    def StartModify(self) -> int:
-        return 0
-
-    def __getattr__(self, name: str):
-        """Other MRML calls (geometry references, display nodes) change nothing these tests look at."""
-        if name[:1].isupper():
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
+NO_SLICER_CORE = ("slicer-core (Slicer's MRML and segmentation libraries as a wheel) is not installed: PyPI has it for "
+                  "CPython 3.10-3.13 on Linux x86_64, Windows x64 and macOS arm64 only")
 
 
-class FakeScene:
-    """The MRML scene: which nodes exist."""
-
-    def __init__(self) -> None:
-        self.nodes: list[FakeNode] = []
-
-    def AddNewNodeByClass(self, className: str, name: str = "") -> FakeNode:
-        node = FakeNode(self, className, name)
-        self.nodes.append(node)
-        return node
-
-    def RemoveNode(self, node: FakeNode | None) -> None:
-        if node in self.nodes:
-            self.nodes.remove(node)
-            if node.displayNode is not None:  # Slicer removes a node's display nodes with it, not what they reference
-                self.RemoveNode(node.displayNode)
-
-    def GenerateUniqueName(self, name: str) -> str:
-        return f"{name}_{len(self.nodes)}"
-
-
-class FakeSegmentation:
-    """vtkSegmentation: segment ids, names and terminology."""
-
-    SourceRepresentationModified, SegmentAdded, SegmentRemoved, SegmentModified = 62100, 62101, 62102, 62103
-
-    def __init__(self, segments: dict[str, str]) -> None:
-        self.segments = dict(segments)  # id -> name
-
-    def GetSegmentIDs(self) -> list[str]:
-        return list(self.segments)
-
-    def GetSegment(self, segmentId: str):
-        name = self.segments[segmentId]
-        return types.SimpleNamespace(GetName=lambda: name, GetTerminology=lambda: "")
-
-    def RemoveSegment(self, segmentId: str) -> None:
-        del self.segments[segmentId]
-
-    def CopySegmentFromSegmentation(self, source: FakeSegmentation, segmentId: str) -> bool:
-        target = segmentId if segmentId not in self.segments else f"{segmentId}_copy"  # Slicer makes the id unique too
-        self.segments[target] = source.segments[segmentId]
-        return True
-
-
-class FakeObservationMixin:
-    """slicer.util.VTKObservationMixin: records what is observed."""
-
-    def __init__(self) -> None:
-        self.observers: list[tuple[object, object, object]] = []
-
-    def addObserver(self, obj, event, method) -> None:
-        self.observers.append((obj, event, method))
-
-    def removeObserver(self, obj, event, method) -> None:
-        self.observers = [o for o in self.observers if o != (obj, event, method)]
-
-    def removeObservers(self) -> None:
-        self.observers = []
-
-
-@contextlib.contextmanager
-def try_with_error_display(message=None, show=True, waitCursor=False):
-    """slicer.util.tryWithErrorDisplay as Slicer 5.10-5.12 define it: shows the error, then re-raises it."""
+def real_slicer() -> types.ModuleType:
+    """The slicer package of the slicer-core wheel, or a skip where no wheel exists."""
     try:
-        yield
-    except Exception:
-        FAKE_ERRORS.append(message)
-        raise
+        import slicer
+    except ImportError:
+        pytest.skip(NO_SLICER_CORE)
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip(f"the importable 'slicer' ({getattr(slicer, '__file__', '?')}) is not slicer-core")
+    return slicer
 
 
-FAKE_ERRORS: list[str | None] = []
+def slicer_core_version() -> str:
+    from importlib.metadata import version
+
+    return version("slicer-core")
+
+
+class SlicerApp:
+    """What Slicer's application sets up for a scene: the module logics the module asks for, observing it."""
+
+    def __init__(self, scene=None) -> None:
+        slicer = real_slicer()
+        self.scene = scene or slicer.vtkMRMLScene()
+        self.segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+        self.volumes = slicer.vtkSlicerVolumesLogic()
+        self.subject_hierarchy = slicer.vtkSlicerSubjectHierarchyModuleLogic()
+        for logic in (self.segmentations, self.volumes, self.subject_hierarchy):
+            logic.SetMRMLScene(self.scene)
+        self.modules = types.SimpleNamespace(
+            segmentations=types.SimpleNamespace(logic=lambda: self.segmentations),
+            volumes=types.SimpleNamespace(logic=lambda: self.volumes),
+            subjecthierarchy=types.SimpleNamespace(logic=lambda: self.subject_hierarchy),
+        )
+
+    def node_ids(self) -> set[str]:
+        return {self.scene.GetNthNode(n).GetID() for n in range(self.scene.GetNumberOfNodes())}
+
+
+class _Timer:
+    """qt.QTimer: started timers fire their timeout() slots from the application's processEvents()."""
+
+    running_timers: list[_Timer] = []
+
+    def __init__(self) -> None:
+        self.running, self.single_shot, self.slots = False, False, []
+
+    def setSingleShot(self, value: bool) -> None:
+        self.single_shot = value
+
+    def setInterval(self, ms: int) -> None:
+        pass
+
+    def connect(self, signal: str, slot) -> None:
+        assert signal == "timeout()", signal
+        self.slots.append(slot)
+
+    def start(self) -> None:
+        self.running = True
+        if self not in _Timer.running_timers:
+            _Timer.running_timers.append(self)
+
+    def stop(self) -> None:
+        self.running = False
+
+
+def process_events() -> None:
+    """slicer.app.processEvents(): one round of the running timers."""
+    for timer in list(_Timer.running_timers):
+        if not timer.running:
+            _Timer.running_timers.remove(timer)
+            continue
+        if timer.single_shot:
+            timer.stop()
+        for slot in timer.slots:
+            slot()
+
+
+FAKE_ERRORS: list[str | None] = []  # texts of the error message boxes shown
 
 
 class _Base:
@@ -182,43 +147,8 @@ class _Base:
         pass
 
 
-class _Timer:
-    def __init__(self) -> None:
-        self.running = False
-
-    def setSingleShot(self, value: bool) -> None:
-        pass
-
-    def setInterval(self, ms: int) -> None:
-        pass
-
-    def connect(self, signal: str, slot) -> None:
-        pass
-
-    def start(self) -> None:
-        self.running = True
-
-    def stop(self) -> None:
-        self.running = False
-
-
-def fake_slicer_modules(scene: FakeScene) -> dict[str, types.ModuleType]:
-    """Modules named slicer, slicer.util, qt, vtk, ... with just what DiffusionSeg.py uses, backed by `scene`."""
-    slicer = types.ModuleType("slicer")
-    slicer.mrmlScene = scene
-    slicer.app = types.SimpleNamespace(connect=lambda *a: None, processEvents=lambda: None, temporaryPath="/tmp")
-    slicer.vtkMRMLScalarVolumeNode = type("vtkMRMLScalarVolumeNode", (), {})
-    slicer.vtkMRMLSegmentationNode = type("vtkMRMLSegmentationNode", (), {})
-    slicer.vtkSegmentation = FakeSegmentation
-    slicer.modules = types.SimpleNamespace()
-    util = types.ModuleType("slicer.util")
-    util.VTKObservationMixin = FakeObservationMixin
-    util.tryWithErrorDisplay = try_with_error_display
-    util.errorDisplay = lambda *a, **k: FAKE_ERRORS.append(a[0] if a else None)
-    util.confirmOkCancelDisplay = lambda *a, **k: True
-    util.confirmYesNoDisplay = lambda *a, **k: False
-    util.getNodesByClass = lambda className: [n for n in scene.nodes if n.className == className]
-    slicer.util = util
+def qt_and_application_modules() -> dict[str, types.ModuleType]:
+    """The modules slicer-core does not have: qt, slicer.i18n, slicer.parameterNodeWrapper, slicer.ScriptedLoadableModule."""
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr = lambda text: text
     i18n.translate = lambda context, text: text
@@ -228,20 +158,42 @@ def fake_slicer_modules(scene: FakeScene) -> dict[str, types.ModuleType]:
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
     for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
         setattr(scripted, name, type(name, (_Base,), {}))
+
+    class Test(_Base):  # unittest's assertions for the self-test
+        def __getattr__(self, name):
+            import unittest
+
+            return getattr(unittest.TestCase(), name)
+
+    scripted.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (Test,), {"delayDisplay": lambda self, message, *a: None})
     qt = types.ModuleType("qt")
     qt.QTimer = _Timer
-    vtk = types.ModuleType("vtk")
-    vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent=33)
-    vtk.vtkStringArray = lambda: types.SimpleNamespace(InsertNextValue=lambda value: None)
-    return {"slicer": slicer, "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
-            "slicer.ScriptedLoadableModule": scripted, "qt": qt, "vtk": vtk}
+    qt.Qt = types.SimpleNamespace(WaitCursor=3)
+    return {"slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper, "slicer.ScriptedLoadableModule": scripted, "qt": qt}
 
 
-def load_module_with_fake_slicer(monkeypatch, scene: FakeScene | None = None) -> types.ModuleType:
-    """DiffusionSeg.py imported against the stand-in Slicer (a fresh module object each time)."""
+def load_module(monkeypatch, app: SlicerApp | None = None, temporary: Path | None = None) -> types.ModuleType:
+    """DiffusionSeg.py imported against real slicer-core on `app`'s scene (a fresh module object each time).
+
+    Only Qt and the application are stand-ins; everything MRML, VTK and slicer.util's scene helpers is the real thing.
+    """
+    slicer = real_slicer()
+    app = app or SlicerApp()
     FAKE_ERRORS.clear()
-    for name, module in fake_slicer_modules(scene or FakeScene()).items():
+    _Timer.running_timers.clear()
+    for name, module in qt_and_application_modules().items():
         monkeypatch.setitem(sys.modules, name, module)
+    application = types.SimpleNamespace(connect=lambda *a: None, processEvents=process_events, temporaryPath=str(temporary or "/tmp"),
+                                        testingEnabled=lambda: False, setOverrideCursor=lambda cursor: None,
+                                        restoreOverrideCursor=lambda: None)
+    monkeypatch.setattr(slicer, "app", application, raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", app.scene, raising=False)
+    monkeypatch.setattr(slicer, "modules", app.modules, raising=False)
+    # message boxes are Qt: recorded instead of shown
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, *a, **k: FAKE_ERRORS.append(text))
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: True)
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda *a, **k: False)
+    monkeypatch.setattr(slicer.util, "delayDisplay", lambda *a, **k: None)
     spec = importlib.util.spec_from_file_location("DiffusionSegUnderTest", MODULE_PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

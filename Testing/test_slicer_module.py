@@ -1,9 +1,10 @@
 """Checks of the 3D Slicer extension without Slicer. Static: Python compiles and is ruff-clean for Slicer's Python,
 every widget the module uses is in the .ui file with the expected class, parameter-node widgets fit their
 parameters, the CMake files hold what Slicer's extension build needs, and the module imports the engine only
-where its packages are installed. With a stand-in for Slicer (slicer_helpers): a failed install returns the
-panel to idle, models are listed without torch, the annotated-slice count follows painting, no colour table
-is left in the scene, write-back keeps the user's own segments, MPS only on macOS, the sample is registered."""
+where its packages are installed. Against real slicer-core with stand-ins for Qt and the application
+(slicer_helpers): a failed install returns the panel to idle, models are listed without torch, the
+annotated-slice count follows painting (real segmentation events), MPS only on macOS, the sample is registered,
+organ volumes come from Segment Statistics. The scene work itself is tested on a real CT in test_slicer_core.py."""
 
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import numpy as np
 import pytest
-from slicer_helpers import FAKE_ERRORS, FakeNode, FakeObservationMixin, FakeScene, FakeSegmentation, load_module_with_fake_slicer
+from slicer_helpers import FAKE_ERRORS, load_module
 
 from DiffusionSegLib.bridge import dependencies, sample
 
@@ -312,7 +312,7 @@ class FakeUI:
 def make_widget(module: types.ModuleType):
     """A DiffusionSegWidget with fake ui and parameters (setup() needs a real Slicer)."""
     widget = module.DiffusionSegWidget.__new__(module.DiffusionSegWidget)
-    FakeObservationMixin.__init__(widget)
+    module.VTKObservationMixin.__init__(widget)
     widget.ui = FakeUI()
     widget.state = module.State.IDLE
     widget.logic = module.DiffusionSegLogic()
@@ -324,7 +324,7 @@ def make_widget(module: types.ModuleType):
 
 
 def test_failed_install_returns_the_panel_to_idle(monkeypatch):
-    module = load_module_with_fake_slicer(monkeypatch)
+    module = load_module(monkeypatch)
     widget = make_widget(module)
     states, logs = [], []
     widget.setState = lambda state: (states.append(state), setattr(widget, "state", state))
@@ -337,7 +337,8 @@ def test_failed_install_returns_the_panel_to_idle(monkeypatch):
     widget.logic.installDependencies = failing_install
     assert widget.ensureDependencies() is False
     assert states == [module.State.INSTALLING, module.State.IDLE] and widget.state == module.State.IDLE
-    assert FAKE_ERRORS == ["Failed to install the Python packages."]  # shown to the user once
+    assert len(FAKE_ERRORS) == 1 and FAKE_ERRORS[0].startswith("Failed to install the Python packages.")  # shown to the user once
+    assert "no network" in FAKE_ERRORS[0]
     assert "no network" in logs[-1] and "not installed" in widget.ui.statusLabel.text
 
     restarts = []
@@ -347,7 +348,7 @@ def test_failed_install_returns_the_panel_to_idle(monkeypatch):
 
 
 def test_models_are_listed_and_segment_enabled_before_installation(monkeypatch):
-    module = load_module_with_fake_slicer(monkeypatch)
+    module = load_module(monkeypatch)
     monkeypatch.setattr(module.dependencies, "torch_missing", lambda *args: dependencies.Missing("torch", "2.2", None))
     monkeypatch.setattr(module.dependencies, "missing_requirements", lambda *args, **kwargs: [dependencies.Missing("slicerio", "1.1", None)])
     widget = make_widget(module)
@@ -359,86 +360,41 @@ def test_models_are_listed_and_segment_enabled_before_installation(monkeypatch):
 
 
 def test_annotated_slice_count_follows_painting_and_entering(monkeypatch):
-    module = load_module_with_fake_slicer(monkeypatch)
+    module = load_module(monkeypatch)
+    slicer = sys.modules["slicer"]
     widget = make_widget(module)
-    counted = []
+    counted, started = [], []
     widget.updateAnnotationStatus = lambda: counted.append(True)
-    first, second = FakeSegmentation({"s1": "Liver"}), FakeSegmentation({"s1": "Liver"})
+    widget._statusTimer = types.SimpleNamespace(start=lambda: started.append(True))
+    first, second = slicer.vtkSegmentation(), slicer.vtkSegmentation()
     widget.observeAnnotation(types.SimpleNamespace(GetSegmentation=lambda: first))
-    events = {event for observed, event, _ in widget.observers if observed is first}
-    assert FakeSegmentation.SourceRepresentationModified in events  # what a paint stroke fires
-    assert {33, FakeSegmentation.SegmentModified, FakeSegmentation.SegmentAdded, FakeSegmentation.SegmentRemoved} <= events
+    events = {event for observed, event, *_ in widget.Observations if observed is first}
+    assert slicer.vtkSegmentation.SourceRepresentationModified in events  # what a paint stroke fires
+    assert {sys.modules["vtk"].vtkCommand.ModifiedEvent, slicer.vtkSegmentation.SegmentModified, slicer.vtkSegmentation.SegmentAdded,
+            slicer.vtkSegmentation.SegmentRemoved} <= events
     assert counted == [True]
+    first.AddEmptySegment("Segment_1", "Liver")  # the real library's events reach the debounce timer
+    assert started
 
     # Painting happened in Segment Editor, now the user comes back: counted again, observing the current annotation only.
     widget.initializeParameterNode = lambda: None
     widget._parameterNode.annotationSegmentation = types.SimpleNamespace(GetSegmentation=lambda: second)
     widget.enter()
     assert counted == [True, True]
-    assert {observed for observed, _, _ in widget.observers} == {second}
-
-
-def test_status_leaves_no_color_table_and_needs_no_engine_packages(monkeypatch):
-    scene = FakeScene()
-    module = load_module_with_fake_slicer(monkeypatch, scene)
-    slicer = sys.modules["slicer"]
-    values = np.zeros((4, 3, 2), dtype=np.uint8)  # k, j, i: value = segment position + 1
-    values[1, 0, 0], values[2, 1, 1] = 1, 2
-
-    def export(segmentationNode, segmentIds, labelmapNode, referenceVolumeNode) -> bool:
-        color = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{labelmapNode.GetName()}_ColorTable")
-        labelmapNode.displayNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeDisplayNode")
-        labelmapNode.displayNode.colorNode = color
-        return True
-
-    slicer.modules.segmentations = types.SimpleNamespace(logic=lambda: types.SimpleNamespace(ExportSegmentsToLabelmapNode=export))
-    slicer.util.arrayFromVolume = lambda node: values
-    volume = types.SimpleNamespace(GetIJKToRASDirections=lambda d: d.__setitem__(slice(None), [[-1.0, 0, 0], [0, -1.0, 0], [0, 0, 1.0]]))
-    segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "annotation")
-    segmentationNode.segmentation = FakeSegmentation({"Segment_1": "Liver", "Segment_2": "my tumour"})
-    for name in ("slicerio", "SimpleITK", "torch"):  # what a fresh Slicer lacks (SimpleITK: its extras)
-        monkeypatch.setitem(sys.modules, name, None)
-    for name in [m for m in sys.modules if m.startswith("DiffusionSegLib.") and not m.startswith(("DiffusionSegLib.bridge", "DiffusionSegLib.organs"))]:
-        monkeypatch.delitem(sys.modules, name)
-    status = module.DiffusionSegLogic().annotationStatus(segmentationNode, volume)
-    assert status["slices"] == [1] and status["organs"] == ["liver"]  # slice 2 holds only the tumour: not an organ annotation
-    assert status["unmatched"] == ["my tumour"]
-    assert scene.nodes == [segmentationNode]  # the labelmap, its display node and the "_ColorTable" node are gone
-
-
-def test_write_back_keeps_segments_that_match_no_organ_and_the_file_link(monkeypatch, tmp_path):
-    scene = FakeScene()
-    module = load_module_with_fake_slicer(monkeypatch, scene)
-    readInto = []
-
-    def new_node(className: str, name: str = "") -> FakeNode:
-        node = FakeNode(scene, className, name)
-        scene.nodes.append(node)
-        if className == "vtkMRMLSegmentationStorageNode":
-            def read(target: FakeNode) -> bool:
-                readInto.append(target)
-                target.GetSegmentation().segments.update({"Segment_1": "Liver", "Segment_3": "Spleen"})
-                return True
-            node.ReadData = read
-        return node
-
-    scene.AddNewNodeByClass = new_node
-    target = new_node("vtkMRMLSegmentationNode", "annotation")
-    target.segmentation = FakeSegmentation({"Segment_1": "Liver", "Segment_2": "my tumour", "Segment_4": "Right kidney"})
-    module.DiffusionSegLogic().importSegmentation(tmp_path / "merged.seg.nrrd", target, volumeNode=FakeNode(scene, "vtkMRMLScalarVolumeNode"))
-    assert readInto and target not in readInto  # read into a temporary node: the annotation keeps its own storage node
-    assert target.segmentation.segments == {"Segment_2": "my tumour", "Segment_1": "Liver", "Segment_3": "Spleen"}
-    assert scene.nodes == [target]  # temporary nodes removed
+    assert {observed for observed, *_ in widget.Observations} == {second}
+    started.clear()
+    first.AddEmptySegment("Segment_2", "Spleen")
+    assert not started  # the old annotation is no longer observed
 
 
 def test_mps_is_offered_only_on_macos(monkeypatch):
-    module = load_module_with_fake_slicer(monkeypatch)
+    module = load_module(monkeypatch)
     assert ("MPS" in module.Device.__members__) == (sys.platform == "darwin")
     assert {"AUTO", "CUDA", "CPU"} <= set(module.Device.__members__)
 
 
 def test_sample_is_registered_in_sample_data(monkeypatch):
-    module = load_module_with_fake_slicer(monkeypatch)
+    module = load_module(monkeypatch)
     registered = []
     fake = types.ModuleType("SampleData")
     fake.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=lambda **kwargs: registered.append(kwargs))
@@ -451,7 +407,7 @@ def test_sample_is_registered_in_sample_data(monkeypatch):
 
 
 def test_organ_volumes_come_from_segment_statistics(monkeypatch):
-    module = load_module_with_fake_slicer(monkeypatch)
+    module = load_module(monkeypatch)
     parameters: dict[str, str] = {}
     plugins = [type(name, (), {})() for name in ("LabelmapSegmentStatisticsPlugin", "ScalarVolumeSegmentStatisticsPlugin",
                                                   "ClosedSurfaceSegmentStatisticsPlugin")]
@@ -475,7 +431,7 @@ def test_organ_volumes_come_from_segment_statistics(monkeypatch):
     monkeypatch.setitem(sys.modules, "SegmentStatistics", types.SimpleNamespace(SegmentStatisticsLogic=Logic))
     scene = sys.modules["slicer"].mrmlScene
     segmentationNode, volume = scene.AddNewNodeByClass("vtkMRMLSegmentationNode"), scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
-    segmentationNode.segmentation = FakeSegmentation({"a": "Spleen"})
+    segmentationNode.GetSegmentation().AddEmptySegment("a", "Spleen")
     text = module.DiffusionSegLogic().organVolumesText(segmentationNode, volume)
     assert text.splitlines()[0] == "Spleen: 12.5 mL, 50 ± 5 HU" and "Liver" in text.splitlines()[-1]
     assert parameters["Segmentation"] == segmentationNode.GetID() and parameters["ScalarVolume"] == volume.GetID()
