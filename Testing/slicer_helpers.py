@@ -82,9 +82,22 @@ def slicer_core_version() -> str:
 class SlicerApp:
     """What Slicer's application sets up for a scene: the module logics the module asks for, observing it."""
 
-    def __init__(self, scene=None) -> None:
+    def __init__(self, scene=None, subject_hierarchy_items: bool = False) -> None:
+        """With `subject_hierarchy_items`, every data node added gets an item under the scene, as Slicer's subject
+        hierarchy plugins give it (slicer-core has none of them)."""
         slicer = real_slicer()
         self.scene = scene or slicer.vtkMRMLScene()
+        if subject_hierarchy_items:
+            import vtk
+
+            @vtk.calldata_type(vtk.VTK_OBJECT)
+            def add_item(scene, event, node) -> None:
+                sh = scene.GetSubjectHierarchyNode()
+                if node.IsA("vtkMRMLDisplayableNode") and sh is not None and not sh.GetItemByDataNode(node):
+                    sh.CreateItem(sh.GetSceneItemID(), node)
+
+            self._add_item = add_item  # the observer holds no reference of its own
+            self.scene.AddObserver(self.scene.NodeAddedEvent, add_item)
         self.segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
         self.volumes = slicer.vtkSlicerVolumesLogic()
         self.subject_hierarchy = slicer.vtkSlicerSubjectHierarchyModuleLogic()

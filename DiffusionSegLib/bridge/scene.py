@@ -25,7 +25,7 @@ TEMPORARY_NAME = "DiffusionSeg temporary"
 
 def _voxels(volume_node) -> np.ndarray:
     """The node's voxels as a (k, j, i) numpy view, as slicer.util.arrayFromVolume gives them."""
-    from vtkmodules.util.numpy_support import vtk_to_numpy
+    from vtk.util.numpy_support import vtk_to_numpy
 
     image = volume_node.GetImageData()
     scalars = vtk_to_numpy(image.GetPointData().GetScalars())
