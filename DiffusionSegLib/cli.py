@@ -21,14 +21,14 @@ import torch
 
 from . import __version__
 from .adaptation import adapt_backbone
-from .annotations import training_slices
+from .annotations import labelled_organs, training_slices
 from .atomic import atomic_path
 from .demo import DEFAULT_OUTPUT_DIR, SAMPLE_CT, demo_outputs
 from .devices import DEVICES, configure_cpu, describe_hardware, resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import Cancelled, InputError
 from .finetune import FinetuneConfig, finetune
-from .imageio import check_output_path, read_ct, read_labels, write_labelmap
+from .imageio import check_output_path, check_writable, read_ct, read_labels, write_labelmap
 from .inference import segment_ct
 from .metrics import organ_overlap
 from .models import (
@@ -44,9 +44,11 @@ from .models import (
     save_model,
     user_models_dir,
 )
+from .organs import ORGANS, parse_organs
 from .preprocessing import PreprocessingSpec, to_model_space
 from .preview import write_preview
 from .progress import MODES, Progress
+from .seg_nrrd import is_slicer_segmentation, segment_organs
 from .segmentor import DEFAULT_HEAD_WIDTH, STRATEGIES, Segmentor
 from .statistics import organ_statistics, statistics_table, write_statistics
 from .uncertainty import segment_with_uncertainty, write_report
@@ -120,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune a model on annotated axial slices and save it")
     ft.add_argument("--image", action="append", required=True, help="CT (repeat with --labels for several CTs) (required)")
     ft.add_argument("--labels", action="append", required=True, help="labelmap on the image grid (FLARE22 ids) or .seg.nrrd (required)")
+    ft.add_argument("--organs", action="append", metavar="LIST",
+                    help="organs the matching --labels labels (comma-separated names or ids, or 'all'), once per --labels or once for all; "
+                         "on its annotated slices an unlabelled voxel is then taken as background or one of the organs not listed, so "
+                         "those are kept as the base model knows them (default: the organs with any voxel in the labels, and those "
+                         "a .seg.nrrd has a segment for, even an empty one)")
     ft.add_argument("-o", "--output", required=True, metavar="NAME_OR_FOLDER",
                     help="a bare name (no path separator) saves the model in your models folder, listed by 'diffusionseg models' and usable as "
                          "'--model NAME' from anywhere; a path (or an existing folder) is written where given (required)")
@@ -172,6 +179,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     _check_suffix(args.uncertainty, ".json", "--uncertainty", "uncertainty report")
     _check_suffix(args.statistics, ".json", "--statistics", "statistics file")
     _check_suffix(args.preview, ".png", "--preview", "preview image")
+    for flag in ("uncertainty", "statistics", "preview"):
+        if getattr(args, flag):
+            check_writable(getattr(args, flag), f"--{flag}")
     device = resolve_device(args.device)
     segmentor, card = load_segmentor(resolve_model(args.model, "segmentor"))
     ct = read_ct(args.image)
@@ -182,23 +192,40 @@ def cmd_segment(args: argparse.Namespace) -> int:
     else:
         labelmap = segment_ct(ct, segmentor, card.preprocessing, device, args.batch_size, progress, cleanup=cleanup)
     progress.start("write", 1)
-    written = [write_labelmap(labelmap, output)]
-    if args.uncertainty:
-        write_report(report, args.uncertainty)
-        written.append(Path(args.uncertainty))
     table: list[str] = []
-    if args.statistics:
+    statistics = None
+    if args.statistics:  # computed before anything is written: a failure here leaves no output at all
         statistics = {"image": str(args.image), **organ_statistics(ct, labelmap)}
-        written.append(write_statistics(statistics, args.statistics))
         table = statistics_table(statistics)
+    writes = [(output, lambda: write_labelmap(labelmap, output))]
+    if args.uncertainty:
+        writes.append((Path(args.uncertainty), lambda: write_report(report, args.uncertainty)))
+    if statistics is not None:
+        writes.append((Path(args.statistics), lambda: write_statistics(statistics, args.statistics)))
     if args.preview:
-        written.append(write_preview(ct, labelmap, args.preview, title=Path(args.image).name))
+        writes.append((Path(args.preview), lambda: write_preview(ct, labelmap, args.preview, title=Path(args.image).name)))
+    written = _write_all(writes)
     progress.advance()
     progress.finish()
     for line in table:
         progress.message(line)
     progress.message(f"wrote {', '.join(map(str, written))}")
     return 0
+
+
+def _write_all(writes: list[tuple[Path, object]]) -> list[Path]:
+    """Run each (path, write) in turn; each write is atomic. On a failure say which files were written and which not."""
+    written: list[Path] = []
+    for number, (path, write) in enumerate(writes):
+        try:
+            write()
+        except OSError as e:
+            done = f"written: {', '.join(map(str, written))}" if written else "nothing was written"
+            missing = ", ".join(str(p) for p, _ in writes[number + 1 :])
+            raise InputError(f"{path}: cannot be written ({e.strerror or e}); it was not written (no partial file); {done}"
+                             + (f"; not written either: {missing}" if missing else "")) from e
+        written.append(path)
+    return written
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -318,27 +345,66 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
         raise InputError(f"{args.config or 'fine-tuning settings'}: {e}") from e
 
 
+def _declared_organs(args: argparse.Namespace) -> list[set[int] | None]:
+    """--organs, one per --labels (or one for all), parsed before any CT is read."""
+    given = args.organs or []
+    if len(given) not in (0, 1, len(args.labels)):
+        raise InputError(f"got {len(given)} --organs for {len(args.labels)} --labels; give one --organs per --labels, or one for all")
+    try:
+        parsed = [parse_organs(text) for text in given]
+    except ValueError as e:
+        raise InputError(f"--organs {e}") from e
+    return parsed * len(args.labels) if len(parsed) == 1 else parsed or [None] * len(args.labels)
+
+
+def _organ_set(declared: set[int] | None, labels: sitk.Image, path: str) -> set[int]:
+    """The organs `labels` labels: as declared, else those it holds plus a .seg.nrrd's named (even empty) segments."""
+    present = labelled_organs(labels)
+    if declared is not None:
+        if extra := present - declared:
+            names = ", ".join(o.name for o in ORGANS if o.label in extra)
+            raise InputError(f"{path}: holds {names}, which its --organs leaves out; add them to --organs or erase them from the labels")
+        return declared
+    source = Path(path).expanduser()
+    if source.is_file() and (source.name.lower().endswith(".seg.nrrd") or is_slicer_segmentation(source)):
+        present |= segment_organs(source)
+    return present
+
+
+def _postprocessing_of(base_card: ModelCard, strategy: str) -> dict:
+    """A segmentor base passes on its cleanup setting. Fine-tuned from pretrained weights, cleanup is on: held out it raised
+    mean DSC for every such model measured (docs/model-figures.md; 0.42 -> 0.48 on a new patient). FS starts from random
+    weights, was not measured so, and keeps the plain labelmap."""
+    if base_card.kind == "segmentor":
+        return dict(base_card.postprocessing)
+    return {"cleanup": True} if strategy != "fs" else {}
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     if len(args.image) != len(args.labels):
         raise InputError(f"got {len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
     output = finetune_destination(args.output)
     if output.exists() and not (output / "model.json").exists() and (not output.is_dir() or any(output.iterdir())):
         raise InputError(f"{output}: exists and is not a DiffusionSeg model folder; choose another output path")
+    check_writable(output, "-o", creates_folders=True)
     config = _finetune_config(args)
     _check_adapt(args)
     device = resolve_device(args.device)
     segmentor, base_card, base_path = _base_segmentor(args)
     spec = base_card.preprocessing
 
+    declared = _declared_organs(args)
     pairs, data = [], []
     for image_path, labels_path in zip(args.image, args.labels, strict=True):
         ct = read_ct(image_path)
         labels = read_labels(labels_path, ct)
         pairs.append((ct, labels))
         data.append({"image": portable_path(image_path), "labels": portable_path(labels_path)})
-    slices = training_slices(pairs, spec)
+    organ_sets = [_organ_set(given, labels, path) for given, (_, labels), path in zip(declared, pairs, args.labels, strict=True)]
+    slices = training_slices(pairs, spec, organ_sets)
     for number, entry in enumerate(data):
         entry["annotated_slices"] = [index for n, index in slices.sources if n == number]
+        entry["labelled_organs"] = [o.name for o in ORGANS if o.label in slices.organ_sets[number]]
         if not entry["annotated_slices"]:
             raise InputError(f"{args.labels[number]}: no annotated slice (no labelled voxel); paint at least one organ on one axial slice")
 
@@ -346,9 +412,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     adaptation = _adapt(args, segmentor, base_card, base_path, [ct for ct, _ in pairs], config.seed, device, progress)
     organs = ", ".join(slices.summary()["organs"])
     progress.message(f"fine-tuning ({args.strategy}) on {len(slices.sources)} annotated slices, organs: {organs}; device {device}")
+    if unlabelled := slices.unlabelled_organs():
+        kept = "kept as the base model knows them" if base_card.kind == "segmentor" and args.strategy != "fs" else "not learned"
+        progress.message(f"partial labels: {', '.join(unlabelled)} unlabelled in at least one CT; there, unlabelled voxels may be them ({kept})")
     progress.start("finetune", config.iterations)
     result = finetune(segmentor, slices.images, slices.labels, config, device, lambda _, loss: progress.advance(loss=loss),
-                      fit_batch_size=args.batch_size is None and not args.config, on_message=progress.message)
+                      fit_batch_size=args.batch_size is None and not args.config, on_message=progress.message,
+                      labelled=slices.labelled(segmentor.num_classes), keep_unlabelled=base_card.kind == "segmentor" and args.strategy != "fs")
     progress.finish()
 
     card = ModelCard(
@@ -360,8 +430,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         timestep=segmentor.timestep,
         preset=base_card.preset,
-        # A segmentor base passes on its cleanup setting; a pretrained base has none to give.
-        postprocessing=dict(base_card.postprocessing) if base_card.kind == "segmentor" else {},
+        postprocessing=_postprocessing_of(base_card, args.strategy),
+        licence=dict(base_card.licence),
         name=args.name or output.name,
         provenance={
             "created": now_iso(),
@@ -393,9 +463,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = organ_overlap(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref))
     metrics.update(pred=str(args.pred), ref=str(args.ref))
     for name, m in metrics["organs"].items():
-        print(f"{name:22s} DSC {m['dsc']:.4f}  Jaccard {m['jaccard']:.4f}")
+        if m["ref_voxels"]:
+            print(f"{name:22s} DSC {m['dsc']:.4f}  Jaccard {m['jaccard']:.4f}")
     if metrics["mean_dsc"] is not None:
-        print(f"{'mean':22s} DSC {metrics['mean_dsc']:.4f}  Jaccard {metrics['mean_jaccard']:.4f}")
+        organs = len(metrics["reference_organs"])
+        print(f"{'mean':22s} DSC {metrics['mean_dsc']:.4f}  Jaccard {metrics['mean_jaccard']:.4f}  (over the {organs} organs in the reference)")
+    if absent := metrics["absent_from_reference"]:
+        print(f"not in the reference, so not scored: {', '.join(absent)}"
+              + (f" (predicted anyway: {', '.join(metrics['predicted_not_in_reference'])})" if metrics["predicted_not_in_reference"] else ""))
     if args.json_out:
         with atomic_path(args.json_out) as tmp:
             Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

@@ -34,7 +34,7 @@ def grid_differences(a: sitk.Image, b: sitk.Image) -> list[str]:
 def different_grid(path: Path, labels: sitk.Image, reference: sitk.Image, image_name: str | None, detail: str = "") -> InputError:
     differences = "; ".join(grid_differences(labels, reference)) or "the labels do not fit on the image's voxel grid"
     return InputError(
-        f"labels {path} are on a different grid than image {image_name or 'the CT'} ({differences}){detail}; "
+        f"labels {path} are on a different grid than {'image ' + image_name if image_name else 'the CT'} ({differences}){detail}; "
         "check that the labels belong to this CT, or paint them on this CT in Slicer and save again"
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,27 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def check_writable(path: str | Path, flag: str = "output", *, creates_folders: bool = False) -> Path:
+    """`path` can be created (its folder exists and takes a new file), or InputError before any work.
+
+    Tried with a real temporary file beside it: permission bits do not tell about read-only mounts,
+    ACLs or a full quota. `creates_folders`: the writer makes missing folders, so the nearest existing
+    one must take them.
+    """
+    path = Path(path).expanduser()
+    folder = path.parent
+    while creates_folders and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot write into {folder} ({e.strerror or e}); choose a folder you can write to") from e
+    return path
+
+
 def check_output_path(path: str | Path) -> Path:
     """The output path if its format is supported; checked before any work so nothing is wasted."""
     path = Path(path).expanduser()
@@ -52,7 +74,7 @@ def check_output_path(path: str | Path) -> Path:
             f"{path}: unsupported output format '{path.suffix or path.name}'; name the output .seg.nrrd (Slicer segmentation) "
             f"or give a labelmap file name ending in {', '.join(LABELMAP_SUFFIXES)}"
         )
-    return path
+    return check_writable(path)
 
 
 # --- reading CTs ----------------------------------------------------------------------------------------
@@ -74,6 +96,8 @@ def _read_image(path: Path, series_uid: str | None = None) -> sitk.Image:
     """Any supported image: a file, a DICOM series folder, or one file of a DICOM series (reads the series)."""
     if not path.exists():
         raise InputError(f"{path}: no such file or folder; check the path (and that the drive is mounted)")
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty (0 bytes), e.g. an interrupted download, copy or export; copy or export it again")
     try:
         if path.is_dir():
             files = series_files(path, series_uid)

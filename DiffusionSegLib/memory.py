@@ -11,18 +11,30 @@ machine's available RAM within any cgroup limit, or the GPU's free memory), keep
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import os
-from collections.abc import Callable
+import platform
+import re
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import InputError
+from .unet import PRESETS, UNetConfig
 
-HEADROOM = 0.8  # use at most this fraction of the free memory: allocator fragmentation, loader workers, the OS
-TRANSIENT = 1.3  # backward holds activation gradients beside the saved activations; measured peaks were 1.1-1.25x
+HEADROOM = 0.8  # use at most this fraction of the free memory: other processes grow too, and the prediction is within 15 %
+# Peak of a step per byte saved for backward: the saved activations, the gradients backward creates beside them, and
+# (on the CPU) what glibc's heap cannot reuse after the first steps. Fitted to Testing/benchmarks/memory_guard.py.
+CPU_TRANSIENT = 1.5
+GPU_TRANSIENT = 1.3  # not yet measured on a GPU (docs/memory-guard.md)
+ATTENTION_BACKWARD = 2.0  # softmax's backward holds two more tokens x tokens matrices of the layer it is in
+MIN_TOKENS = 16  # smaller square tensors are not attention (and too small to matter)
+WORKER_BYTES = 150 << 20  # what each data loader process holds of its own (its Python heap, the batches it prepares)
 
 
 def available_cores() -> int:
@@ -77,33 +89,92 @@ def available_memory(device: torch.device) -> int:
     return available_ram()
 
 
-def saved_activation_bytes(forward: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the tensors autograd keeps for backward while `forward()` runs, each storage counted once.
+def process_memory(device: torch.device) -> int:
+    """Bytes this process holds now: resident memory on the CPU (VmRSS), allocated tensor memory on a GPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        match = re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        match = None
+    if match:
+        return int(match.group(1)) * 1024
+    import resource  # not Linux: the peak so far, the closest figure there is
 
-    The graph is dropped afterwards: nothing stays allocated.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by Python and PyTorch back to the OS (glibc keeps up to 1 GB of it, see devices.configure_cpu).
+
+    After the measuring forward pass its activations would otherwise stay resident and be counted twice: once in
+    the process's resident memory, once in the step's prediction.
     """
-    seen: dict[tuple[str, int], int] = {}
+    gc.collect()
+    if platform.system() == "Linux":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl or another C library
+            pass
+
+
+def _is_attention_matrix(tensor: torch.Tensor) -> bool:
+    """A tokens x tokens matrix (attention scores or weights); no other saved tensor of the U-Net is square in its last two dims."""
+    return tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] >= MIN_TOKENS
+
+
+@dataclass(frozen=True)
+class SavedActivations:
+    total: int  # bytes autograd keeps for backward, parameters excluded (they are held anyway)
+    attention: int  # of which tokens x tokens matrices
+    largest_attention: int  # the largest one of those (one layer's)
+
+
+def saved_activations(forward: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()) -> SavedActivations:
+    """What autograd keeps for backward while `forward()` runs, each storage counted once; storages of `exclude` (the
+    parameters) are not counted. The graph is dropped afterwards: nothing stays allocated."""
+    held = {(str(t.device), t.untyped_storage().data_ptr()) for t in exclude}
+    seen: dict[tuple[str, int], tuple[int, bool]] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        seen[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+        key = (str(tensor.device), storage.data_ptr())
+        if key not in held:
+            seen[key] = (storage.nbytes(), _is_attention_matrix(tensor))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = forward()
     del output
-    return sum(seen.values())
+    attention = [n for n, square in seen.values() if square]
+    return SavedActivations(sum(n for n, _ in seen.values()), sum(attention), max(attention, default=0))
+
+
+def saved_activation_bytes(forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for backward while `forward()` runs, each storage counted once."""
+    return saved_activations(forward).total
 
 
 @dataclass(frozen=True)
 class StepMemory:
-    """Bytes one training step adds to what the process already holds: fixed + batch x per_sample."""
+    """Bytes one training step adds to what the process already holds: fixed + batch x per_sample.
 
-    fixed: int  # gradients and optimiser state of the trainable parameters (not yet allocated before the first step)
-    per_sample: int  # saved activations of one sample, with the backward pass's transient share
+    `base` is what the process held before the step (resident memory, or GPU memory allocated), `per_worker` what each
+    data loader process adds; `total` is the peak the whole run reaches.
+    """
+
+    fixed: int  # gradients, optimiser state and the optimiser's temporaries of the trainable parameters
+    per_sample: int  # one sample's saved activations with the backward pass's transients and the allocator's share
+    base: int = 0
+    per_worker: int = 0
+    saved: SavedActivations | None = None  # what per_sample was derived from (for reports)
 
     def at(self, batch: int) -> int:
         return self.fixed + batch * self.per_sample
+
+    def total(self, batch: int, workers: int = 0) -> int:
+        return self.base + self.at(batch) + workers * self.per_worker
 
     def largest_batch(self, budget: int) -> int:
         """The largest batch whose step fits in `budget` bytes (0 when not even one sample fits)."""
@@ -112,15 +183,45 @@ class StepMemory:
         return int((budget - self.fixed) // max(self.per_sample, 1))
 
 
+def per_sample_bytes(saved: SavedActivations, device: torch.device) -> int:
+    """A step's memory for one sample, from what its forward pass saves for backward (see the module's docstring)."""
+    if device.type == "cuda":
+        return math.ceil(saved.total * GPU_TRANSIENT + saved.largest_attention * ATTENTION_BACKWARD)
+    return math.ceil(saved.total * CPU_TRANSIENT + saved.largest_attention * ATTENTION_BACKWARD)
+
+
 def measure_step(model: torch.nn.Module, forward_one: Callable[[], torch.Tensor], optimizer_moments: int = 2) -> StepMemory:
     """StepMemory of a training step of `model` from one forward pass at batch 1 (`forward_one` returns the loss).
 
     `optimizer_moments`: state tensors the optimiser keeps per parameter (Adam: 2).
     """
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    fixed = trainable * (1 + optimizer_moments)  # gradient + moments
-    per_sample = math.ceil(saved_activation_bytes(forward_one) * TRANSIENT)
-    return StepMemory(fixed, per_sample)
+    parameters = list(model.parameters())
+    device = parameters[0].device if parameters else torch.device("cpu")
+    release_freed_memory()
+    base = process_memory(device)
+    trainable = sum(p.numel() * p.element_size() for p in parameters if p.requires_grad)
+    # gradient + moments + the foreach update's temporaries (Adam: one tensor the size of the parameters)
+    fixed = trainable * (1 + optimizer_moments + (1 if optimizer_moments else 0))
+    saved = saved_activations(forward_one, exclude=[*parameters, *model.buffers()])
+    release_freed_memory()
+    per_worker = 0 if device.type == "cuda" else WORKER_BYTES
+    return StepMemory(fixed, per_sample_bytes(saved, device), base, per_worker, saved)
+
+
+def preset_size_note(preset: str, native: UNetConfig, size: int, per_sample: int) -> str | None:
+    """What to tell the user when `preset` (built as `native`) trains on slices of another size; None when the sizes match."""
+    if size == native.image_size:
+        return None
+    ds = min(native.attention_downsample)
+    tokens, built = (size // ds) ** 2, (native.image_size // ds) ** 2
+    others = sorted((name for name, c in PRESETS.items() if c.image_size == size), key=lambda name: PRESETS[name].model_channels)
+    instead = f", or choose --preset {others[0]} (built for {size} px)" if others else ""
+    if size < native.image_size:
+        return (f"note: preset {preset} is built for {native.image_size} px slices but the data are {size} px; it trains at {size} px "
+                f"(attention over {tokens:,} tokens instead of {built:,})")
+    return (f"note: preset {preset} is built for {native.image_size} px slices but the data are {size} px: its attention runs over "
+            f"{tokens // built}x the tokens ({tokens:,} instead of {built:,}) and its memory grows with their square, so a training step "
+            f"needs about {_gib(per_sample)} per slice; prepare with --size {native.image_size} for {preset}{instead}")
 
 
 def _gib(n: int) -> str:
@@ -136,14 +237,15 @@ class BatchDecision:
 
 
 def fit_batch(memory: StepMemory, batch_size: int, device: torch.device, *, may_lower: bool, what: str, flag: str = "--batch-size",
-              available: int | None = None, processes: int = 1) -> BatchDecision:
+              available: int | None = None, processes: int = 1, workers: int = 0) -> BatchDecision:
     """The batch to train with: `batch_size` if a step fits; else, when `may_lower` (no batch was asked for) and on the CPU, the
     largest that fits, with a note; else InputError naming a batch that fits (or saying that none does).
 
-    `processes`: training processes sharing this device's memory (several ranks on one machine's CPU).
+    `processes`: training processes sharing this device's memory (several ranks on one machine's CPU); `workers`: data
+    loader processes of each.
     """
     free = available_memory(device) if available is None else available
-    budget = int(free * HEADROOM) // max(processes, 1)
+    budget = int(free * HEADROOM) // max(processes, 1) - workers * memory.per_worker
     needed = memory.at(batch_size)
     if needed <= budget:
         return BatchDecision(batch_size, needed, free, None)

@@ -8,10 +8,12 @@ from .organs import ORGANS
 
 
 def organ_overlap(pred: np.ndarray, ref: np.ndarray) -> dict:
-    """Per-organ DSC and Jaccard, and their means over organs present in either labelmap.
+    """Per-organ DSC and Jaccard, and their means over the organs present in the reference.
 
-    An organ absent from both is left out (its overlap is undefined, not perfect); an organ present
-    in only one counts as 0.
+    An organ absent from both is left out (its overlap is undefined, not perfect). An organ only in the
+    prediction is listed with DSC 0 but not averaged: a reference that labels some organs (or a scan
+    that holds some) cannot say whether it is there, and scores are means over the organs the
+    reference has, as FLARE reports them. Those organs are named in `absent_from_reference`.
     """
     if pred.shape != ref.shape:
         raise ValueError(f"shapes differ: {pred.shape} vs {ref.shape}")
@@ -34,9 +36,12 @@ def organ_overlap(pred: np.ndarray, ref: np.ndarray) -> dict:
             "pred_voxels": p,
             "ref_voxels": r,
         }
-    values = list(per_organ.values())
+    values = [v for v in per_organ.values() if v["ref_voxels"]]
     return {
         "organs": per_organ,
         "mean_dsc": float(np.mean([v["dsc"] for v in values])) if values else None,
         "mean_jaccard": float(np.mean([v["jaccard"] for v in values])) if values else None,
+        "reference_organs": [name for name, v in per_organ.items() if v["ref_voxels"]],
+        "absent_from_reference": [o.name for o in ORGANS if not joint[:, o.label].sum()],
+        "predicted_not_in_reference": [name for name, v in per_organ.items() if not v["ref_voxels"]],
     }

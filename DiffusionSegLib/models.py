@@ -91,6 +91,9 @@ class ModelCard:
     # Steps applied to the labelmap after segmentation, e.g. {"cleanup": true}; absent or {} means none,
     # so cards written before the field existed keep their behaviour.
     postprocessing: dict = field(default_factory=dict)
+    # Terms of use the weights inherit from their training data, e.g. {"use": "non-commercial", "because": [...]};
+    # {} when no data with a restriction went in. A model fine-tuned from another keeps its base's entry.
+    licence: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -113,6 +116,7 @@ class ModelCard:
             "labels": self.labels,
             "provenance": self.provenance,
             "postprocessing": self.postprocessing,
+            "licence": self.licence,
         }
 
     @classmethod
@@ -136,6 +140,7 @@ class ModelCard:
             labels=list(d.get("labels") or label_table()),
             provenance=dict(d.get("provenance") or {}),
             postprocessing=_postprocessing(d.get("postprocessing")),
+            licence=dict(d.get("licence") or {}),
         )
 
 

@@ -229,3 +229,22 @@ def match_organ(name: str | None, terminology: str | dict | None = None) -> Orga
     if name:
         return _match_name(name)
     return None
+
+
+def parse_organs(text: str) -> set[int]:
+    """Organ ids from a comma-separated list of names or FLARE22 ids, or "all"; ValueError names what is unknown."""
+    if text.strip().lower() == "all":
+        return {o.label for o in ORGANS}
+    ids, unknown = set(), []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        organ = _BY_LABEL.get(int(item)) if item.isdigit() else match_organ(item)
+        if organ is None:
+            unknown.append(item)
+        else:
+            ids.add(organ.label)
+    if unknown or not ids:
+        raise ValueError(f"{', '.join(map(repr, unknown)) or repr(text)}: not organs; give names or ids 1-{len(ORGANS)} "
+                         f"separated by commas (e.g. 'liver,spleen,2'), or 'all'")
+    return ids

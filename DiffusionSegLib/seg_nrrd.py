@@ -87,6 +87,20 @@ def segmentation_to_labelmap(path: Path) -> sitk.Image:
     return image
 
 
+def segment_organs(path: Path) -> set[int]:
+    """FLARE22 ids of the organs a .seg.nrrd has segments for, empty segments included.
+
+    An empty "Pancreas" segment says the user labels the pancreas and found none on the painted slices;
+    a segment that is no organ (a tumour) is not counted.
+    """
+    try:
+        segmentation = slicerio.read_segmentation(str(path), skip_voxels=True)
+    except Exception as e:  # as in segmentation_to_labelmap: slicerio/pynrrd raise many kinds of errors
+        raise InputError(f"{path}: cannot be read as a Slicer segmentation ({str(e)[:200]}); save it again from Slicer as .seg.nrrd") from e
+    organs = (match_organ(s.get("name"), s.get("terminology")) for s in segmentation.get("segments") or [])
+    return {organ.label for organ in organs if organ is not None}
+
+
 def is_slicer_segmentation(path: Path) -> bool:
     """A Slicer segmentation saved under a plain .nrrd name: its label values are segment values, not FLARE22 ids."""
     if path.suffix.lower() not in (".nrrd", ".nhdr") or not path.is_file():

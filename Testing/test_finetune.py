@@ -181,7 +181,16 @@ def test_frozen_cache_trains_exactly_like_recomputing(strategy):
         runs.append((finetune(segmentor, images, labels, config, CPU).losses, segmentor.state_dict()))
     (losses_a, state_a), (losses_b, state_b) = runs
     assert np.allclose(losses_a, losses_b, rtol=1e-4, atol=1e-6)
-    assert all(torch.allclose(state_a[k], state_b[k], atol=1e-5) for k in state_a)
+    # The two runs differ only in float32 rounding (the cache runs the encoder in chunks, so sums are taken
+    # in another order). Adam turns a gradient into a step of about lr whatever its size, so a rounding
+    # difference in a gradient near zero (m / sqrt(v) a ratio of two tiny numbers) can move a step by a
+    # sizeable fraction of lr, and that compounds over the steps: 8 steps x lr x 1e-2 bounds it, per
+    # parameter group (the head's lr is 10x). A wrong cache (stale or misaligned features) moves weights
+    # by whole steps, about lr each, so this bound still fails it.
+    steps, lr = config.iterations, config.lr
+    for k in state_a:
+        group_lr = lr * config.head_lr_factor if k.startswith("head.") else lr
+        assert torch.allclose(state_a[k], state_b[k], rtol=0, atol=steps * group_lr * 1e-2), k
 
 
 def test_cache_pool_holds_the_slices_then_augmented_copies():

@@ -134,7 +134,8 @@ def seeds_line(config: dict) -> str:
     if per_budget:
         line += " Per budget: " + "; ".join(listed(b) for b in of if b in per_budget) + "."
     if few := [b for b, s in of.items() if len(s) < 3]:
-        line += f" Fewer than 3 seeds at {', '.join(map(label, few))}: the spread there is a rough figure (with one seed, a cross-patient cell spreads over directions only and a within-CT cell shows none)."
+        line += (f" Fewer than 3 seeds at {', '.join(map(label, few))}: the spread there is a rough figure (with one seed, "
+                 "a cross-patient cell spreads over directions only and a within-CT cell shows none).")
     return line
 
 

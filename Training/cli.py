@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from DiffusionSegLib import __version__
 from DiffusionSegLib.atomic import atomic_path, write_text
 from DiffusionSegLib.devices import configure_cpu, resolve_device
 from DiffusionSegLib.diffusion import SCHEDULES, GaussianDiffusion
@@ -98,6 +99,7 @@ def _shown(value: object) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusionseg-train", description="Headless DDPM pretraining for DiffusionSeg.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="CT files / DICOM folders -> slice dataset")

