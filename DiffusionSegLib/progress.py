@@ -55,6 +55,13 @@ class Progress:
         elif self.mode == "tqdm":
             tqdm.write(text, file=self.stream or sys.stderr)
 
+    def warning(self, text: str) -> None:
+        """Something the user should look at: shown in every mode, `--progress none` included (on stderr)."""
+        if self.mode == "json":
+            self._write({"message": f"warning: {text}"})
+        else:
+            tqdm.write(f"warning: {text}", file=self.stream or sys.stderr)
+
     def finish(self) -> None:
         if self._bar is not None:
             self._bar.close()

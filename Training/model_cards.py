@@ -95,6 +95,55 @@ def held_out_metrics(figures: dict, which: str = "") -> dict:
     return out
 
 
+def leave_out_metrics(figures: dict, cleanup: bool, continued: int = 0) -> dict | None:
+    """The segmentor recipe held out (Training.model_figures' leave-out case) as the card's ``metrics.held_out``.
+
+    Per patient: the model trained on every other labelled CT, scored on all labelled slices of this one, over the
+    organs its reference labels (a partial reference scores only its organs). Per organ: the mean over the held-out
+    patients that label it. ``four_slices``: four painted slices of the held-out patient refined with finetune's
+    defaults, from that model and from the pretrained model, scored on its other slices. `continued`: the figures of
+    the recipe's second stage (``--segmentor-continue``), else its first. None without such figures.
+    """
+    stage = (f"+{continued}" if continued else "") + ("-cleanup" if cleanup else "-no-cleanup")
+    runs = {key: record for key, record in figures.items() if key == f"without-{record.get('held_out')}{stage}"}
+    if not runs:
+        return None
+    patients: dict = {}
+    for _, record in sorted(runs.items()):
+        scores = record[record["held_out"]]
+        labelled = {name: o for name, o in scores["organs"].items() if o.get("ref_voxels")}
+        patients[record["held_out"]] = {"trained_on": record["trained_on"], "iterations": record.get("iterations"),
+                                        "mean_dsc": round(scores["mean_dsc"], 4),
+                                        "organ_dsc": {name: round(o["dsc"], 4) for name, o in labelled.items()}}
+    organ_values: dict[str, list[float]] = {}
+    for patient in patients.values():
+        for name, value in patient["organ_dsc"].items():
+            organ_values.setdefault(name, []).append(value)
+    from DiffusionSegLib.organs import ORGANS
+
+    order = [o.name for o in ORGANS if o.name in organ_values]
+    four: dict = {}
+    for patient in patients:
+        refined = [r for k, r in figures.items() if k.startswith(f"{patient}-4-ft-dec-from-without-")]
+        pretrained = figures.get(f"{patient}-4-ft-dec")
+        if refined or pretrained:
+            four[patient] = {
+                "from_segmentor_without_it": round(refined[0]["within_dsc"], 4) if refined else None,
+                "from_pretrained": round(pretrained[patient]["mean_dsc"], 4) if pretrained else None,
+                "seconds_from_segmentor": refined[0].get("train_seconds") if refined else None,
+            }
+    return {
+        "protocol": "leave one patient out: this model's recipe trained on every other labelled CT (partial labels as "
+                    "partial), scored on all labelled slices of the held-out patient over the organs its reference labels; "
+                    f"segment {'with' if cleanup else 'without'} cleanup, as this model does by default",
+        "patients": patients,
+        "organ_dsc": {name: round(sum(organ_values[name]) / len(organ_values[name]), 4) for name in order},
+        "organ_patients": {name: len(organ_values[name]) for name in order},
+        "mean_dsc": round(sum(p["mean_dsc"] for p in patients.values()) / len(patients), 4),
+        **({"four_slices": four} if four else {}),
+    }
+
+
 def complete_pretrained(folder: Path, grown_from: Path | None, figures: dict | None = None) -> None:
     card = read_card(folder)
     four_slice = held_out_metrics(figures or {}, "-4-")
@@ -135,12 +184,16 @@ def complete_segmentor(folder: Path, figures: dict, cleanup: bool, built_from: P
     own = licence_of(card.provenance["data_sources"])  # the base's terms (kept by finetune) plus the labelled CTs' own
     if own:
         card.licence = {"use": "non-commercial", "because": [*card.licence.get("because", []), *own["because"]]}
-    card.provenance["metrics"] = {
-        "protocol": "leave one patient out: FT-dec with this model's recipe on one labelled CT, scored on the other "
-                    "(all its labelled slices, its own grid); the bundled model itself is trained on both. '-all-ft-dec' is "
-                    "the first stage's iterations, '+N' that model continued N more (as this model was), '-cleanup' with cleanup",
-        **held_out_metrics(figures, "-all-"),
-    }
+    held_out = leave_out_metrics(figures, cleanup)
+    if held_out is not None:
+        card.provenance["metrics"] = {"held_out": held_out}
+    else:
+        card.provenance["metrics"] = {
+            "protocol": "leave one patient out: FT-dec with this model's recipe on one labelled CT, scored on the other "
+                        "(all its labelled slices, its own grid); the bundled model itself is trained on both. '-all-ft-dec' is "
+                        "the first stage's iterations, '+N' that model continued N more (as this model was), '-cleanup' with cleanup",
+            **held_out_metrics(figures, "-all-"),
+        }
     card.postprocessing = {"cleanup": True} if cleanup else {}
     card.provenance = portable_provenance(card.provenance)
     save_model(folder, card, read_weights(folder), half=True)

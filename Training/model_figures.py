@@ -16,6 +16,11 @@ For every labelled CT X (two or more):
   other CTs (leave-one-patient-out: the figure the default model, trained on all CTs, is judged by),
   with and without ``--cleanup``. ``--segmentor-continue N`` then continues that model for N more
   iterations (``finetune --base`` the first model), as the bundled segmentor was trained, and scores it too.
+- leave-out: for every CT X, the segmentor recipe (FT-dec on all labelled slices, fresh augmentation) trained on
+  every other CT together, partial labels included (``--organs NAME LIST``; default: the organs with any voxel),
+  scored on X alone with and without ``--cleanup`` (``--segmentor-continue`` adds the longer recipe). Then
+  four painted slices of X are fine-tuned with the command's defaults from that model, the figure that decides
+  where ``finetune`` starts by default, beside the same slices from the pretrained model (four-slice's FT-dec).
 
 Every case runs the real commands in child processes and is written to OUT/figures.json as it ends,
 so a stopped run resumes; models and segmentations are kept under OUT/, and a model folder already
@@ -39,10 +44,11 @@ from DiffusionSegLib.atomic import atomic_path, write_text
 from DiffusionSegLib.imageio import read_ct, read_labels
 from DiffusionSegLib.models import read_card, resolve_model
 from DiffusionSegLib.preprocessing import Grid, model_grid
+from DiffusionSegLib.strategies import STRATEGIES
 
 from .label_efficiency import curated_slices, evaluate, slice_pool
 
-CASES = ("four-slice", "adapt", "segmentor")
+CASES = ("four-slice", "adapt", "segmentor", "leave-out")
 
 
 def slice_axis_of(ct: sitk.Image, spec) -> int:
@@ -133,9 +139,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="then continue each all-slices model for this many iterations and score it too (default 0: no)")
     parser.add_argument("--finetune-config", help="JSON settings passed as --config to the four-slice and adapt fine-tunes "
                         "(default: none, the command's defaults)")
-    parser.add_argument("--strategies", nargs="+", choices=("ft-dec", "fs"), default=["ft-dec", "fs"],
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["ft-dec", "fs"],
                         help="strategies of the four-slice case (default: ft-dec fs)")
     parser.add_argument("--train-on", nargs="+", help="only the models trained on these CTs (default: every CT)")
+    parser.add_argument("--organs", nargs=2, action="append", default=[], metavar=("NAME", "LIST"),
+                        help="the organs CT NAME's labels label ('all' or names), passed to finetune --organs "
+                             "(default: finetune's, the organs with any voxel)")
     parser.add_argument("--quick", action="store_true", help="2 iterations everywhere: a smoke run of the pipeline, not a figure")
     args = parser.parse_args(argv)
     if len(args.ct) < 2:
@@ -149,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         ct = read_ct(ct_path)
         cts[name] = (ct_path, read_labels(labels_path, ct))
         axes[name] = slice_axis_of(ct, spec)
+    organs = dict(args.organs)
+    if unknown := set(organs) - set(cts):
+        parser.error(f"--organs names {sorted(unknown)}, which no --ct has")
     figures = Figures(out)
 
     def train_and_score(key: str, ct_name: str, labels_file: Path, train_slices: list[int], options: list[str]) -> None:
@@ -193,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             options = ["--base", str(pretrained), "--iterations", str(args.segmentor_iterations), "--batch-size", str(args.segmentor_batch),
                        "--lr", f"{args.segmentor_lr:g}", "--patience", "0", "--config", str(fresh)]
             labels_path = next(p for n, _, p in args.ct if n == name)
+            options += ["--organs", organs[name]] if name in organs else []
             train_and_score(key, name, Path(labels_path), annotated_input_slices(labels, axes[name]), options)
             keys = [key]
             if args.segmentor_continue:
@@ -206,7 +219,65 @@ def main(argv: list[str] | None = None) -> int:
                     record = evaluate_model(out / trained, cleaned, cts, axes, {}, out, ["--cleanup"])
                     record.update(summarise(record, name), trained_on=name)
                     figures.save(cleaned, record)
+    if "leave-out" in args.cases:
+        for name in trained_on:
+            leave_out(name, cts, axes, args, organs, pretrained, out, figures)
     return 0
+
+
+def leave_out(held_out: str, cts: dict, axes: dict, args: argparse.Namespace, organs: dict, pretrained: Path, out: Path,
+              figures: Figures) -> None:
+    """The segmentor recipe on every CT but `held_out`, scored on it; then four of its slices from that model."""
+    training = [(n, ct, labels) for n, ct, labels in args.ct if n != held_out]
+    data = [flag for n, ct, labels in training
+            for flag in ("--image", ct, "--labels", labels, "--organs", organs.get(n, ",".join(str(o) for o in _present(cts[n][1]))))]
+    fresh = out / "fresh-augmentation.json"
+    write_text(fresh, json.dumps({"cache_copies": 0}) + "\n")
+    quick = ["--iterations", "2"] if args.quick else []
+    recipe = ["--iterations", str(args.segmentor_iterations), "--batch-size", str(args.segmentor_batch),
+              "--lr", f"{args.segmentor_lr:g}", "--patience", "0", "--config", str(fresh)]
+    stages = [(f"without-{held_out}", ["--base", str(pretrained), *recipe])]
+    if args.segmentor_continue:
+        more = list(recipe)
+        more[more.index("--iterations") + 1] = str(args.segmentor_continue)
+        stages.append((f"without-{held_out}+{args.segmentor_continue}", ["--base", str(out / stages[0][0]), *more]))
+    held = {held_out: cts[held_out]}
+    for key, options in stages:
+        model = out / key
+        if not (model / "model.json").is_file():
+            run_command(["finetune", *data, "-o", str(model), *options, *quick], out / f"{key}.log")
+        card = read_card(model)
+        for extra, suffix in ((["--cleanup"], "-cleanup"), (["--no-cleanup"], "-no-cleanup")):
+            if figures.done(key + suffix):
+                continue
+            record = evaluate_model(model, key + suffix, held, axes, {}, out, extra)
+            record.update(held_out=held_out, trained_on=[n for n, _, _ in training], options=options,
+                          train_seconds=round(card.provenance.get("seconds") or 0.0, 1), iterations=card.provenance.get("iterations"),
+                          held_out_dsc=record[held_out]["mean_dsc"])
+            figures.save(key + suffix, record)
+    # Four painted slices of the held-out patient, refined from the model that never saw it.
+    painted_slices = organ_cover(cts[held_out][1], axes[held_out])
+    painted = out / f"{held_out}-4-slices.nii.gz"
+    if not painted.exists():
+        with atomic_path(painted) as tmp:
+            sitk.WriteImage(only_slices(cts[held_out][1], painted_slices, axes[held_out]), str(tmp), useCompression=True)
+    config = ["--config", args.finetune_config] if args.finetune_config else []
+    for base_key in [stages[-1][0]]:
+        key = f"{held_out}-4-ft-dec-from-{base_key}"
+        if figures.done(key):
+            continue
+        model = out / key
+        seconds = (read_card(model).provenance.get("seconds") or 0.0) if (model / "model.json").is_file() else run_command(
+            ["finetune", "--image", cts[held_out][0], "--labels", str(painted), "-o", str(model), "--base", str(out / base_key),
+             *config, *quick], out / f"{key}.log")
+        record = evaluate_model(model, key, held, axes, {held_out: painted_slices}, out)
+        record.update(held_out=held_out, base=base_key, train_slices=painted_slices, train_seconds=round(seconds, 1),
+                      within_dsc=record[held_out]["mean_dsc"])
+        figures.save(key, record)
+
+
+def _present(labels: sitk.Image) -> list[int]:
+    return [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v]
 
 
 if __name__ == "__main__":
