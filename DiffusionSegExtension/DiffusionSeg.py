@@ -5,8 +5,9 @@ Only the Slicer classes live here (module, widget, logic, self-test). Everything
 DiffusionSegLib.bridge, which imports with only the standard library and numpy, so the panel loads and
 lists models before anything is installed; it is tested with pytest. The heavy work runs in a
 `PythonSlicer -m DiffusionSegLib` child process so Slicer stays responsive and a crash or cancel cannot
-take it down. Engine modules that need torch, SimpleITK extras or slicerio are imported only inside the
-jobs, after the dependencies are installed.
+take it down. Each click is one engine command (Segment: ``segment``; Fine-tune: ``refine``, which
+fine-tunes, segments and merges the painted slices back), with the scene exported before and the result
+imported after; engine modules that need torch, SimpleITK extras or slicerio never load in Slicer's process.
 """
 
 import enum
@@ -49,13 +50,12 @@ if str(_engine_parent()) not in sys.path:
 
 # The bridge needs only numpy and the standard library, which Slicer always has.
 from DiffusionSegLib.bridge import annotation, commands, dependencies, model_cards, sample, scene, statistics  # noqa: E402
-from DiffusionSegLib.bridge.progress_parser import LogLine, Message, ProgressUpdate  # noqa: E402
-from DiffusionSegLib.bridge.runner import BackgroundRun  # noqa: E402
+from DiffusionSegLib.bridge.job import CANCEL_GRACE_S, BackgroundJobs, JobEnd  # noqa: E402
+from DiffusionSegLib.bridge.progress_parser import Event, Message, ProgressUpdate  # noqa: E402
 from DiffusionSegLib.bridge.scene import UNCERTAINTY_ATTRIBUTE  # noqa: E402
 from DiffusionSegLib.bridge.uncertainty import check_report, rank_slices  # noqa: E402
 
 POLL_INTERVAL_MS = 200
-CANCEL_GRACE_S = 15  # a cancelled run that has not ended by then is killed
 
 
 class DependencyError(Exception):
@@ -77,7 +77,8 @@ class DiffusionSeg(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Segment 13 abdominal organs (FLARE22 label set) in CT with a DDPM-pretrained U-Net. Paint a few axial slices, "
             "fine-tune the model on them and write its result back without touching what you painted. "
-            "A touched axial slice counts as fully annotated. "
+            "A touched axial slice counts as annotated for the organs you painted; the organs you do not paint are kept from "
+            "the selected model when fine-tuning starts from it. "
             'See the <a href="https://github.com/DiffusionSeg/DiffusionSeg#the-3d-slicer-extension">documentation</a>.'
         )
         self.parent.acknowledgementText = _(
@@ -174,6 +175,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._statusTimer.setInterval(800)  # debounce: painting fires many modified events
         self._observedSegmentation = None
         self._annotationEvents = ()  # the segmentation events observed for the annotated-slice count
+        self._annotationStatus: dict | None = None  # the last count (Logic.annotationStatus), shown by showAnnotationStatus
 
     # --- set-up ---
 
@@ -278,6 +280,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.annotateButton.enabled = self.state == State.IDLE and hasCT
         self.ui.suggestButton.enabled = self.state == State.IDLE and hasCT and self.reportSegmentation() is not None
         self.updateDeviceWarning()
+        self.showAnnotationStatus()  # the strategy or the model to start from may have changed what is kept
 
     def updateDeviceWarning(self) -> None:
         if not self._parameterNode:
@@ -502,27 +505,39 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAnnotationModified(self, caller=None, event=None) -> None:
         self._statusTimer.start()
 
+    @staticmethod
+    def annotationHint() -> str:
+        return _("An axial slice you touch counts as annotated for the organs you painted (on any slice): on it, an unpainted voxel is "
+                 "none of them.")
+
     def updateAnnotationStatus(self) -> None:
+        """Count the annotated slices again (after painting: debounced), then show them."""
         p = self._parameterNode
-        hint = _("A touched axial slice counts as fully annotated: every unpainted voxel of it is background.")
+        self._annotationStatus = None
         if not p or not p.inputVolume or not p.annotationSegmentation:
-            self.ui.annotationStatusLabel.text = hint
+            self.ui.annotationStatusLabel.text = self.annotationHint()
             return
         try:
-            status = self.logic.annotationStatus(p.annotationSegmentation, p.inputVolume)
+            self._annotationStatus = self.logic.annotationStatus(p.annotationSegmentation, p.inputVolume)
         except Exception as e:  # a status line must never break painting
             self.ui.annotationStatusLabel.text = _("Cannot count annotated slices: {error}").format(error=e)
             return
+        self.showAnnotationStatus()
+
+    def showAnnotationStatus(self) -> None:
+        """The last count, with what fine-tuning would learn and keep: shown again when the fine-tune settings change."""
+        status = self._annotationStatus
+        if status is None or self._parameterNode is None:
+            return
         text = _("{count} annotated axial slices").format(count=len(status["slices"]))
         if status["slices"]:
-            text += _(" ({slices}); organs: {organs}").format(
-                slices=", ".join(str(i + 1) for i in status["slices"][:20]) + (", ..." if len(status["slices"]) > 20 else ""),
-                organs=", ".join(status["organs"]) or _("none"),
-            )
+            shown = ", ".join(str(i + 1) for i in status["slices"][:20]) + (", ..." if len(status["slices"]) > 20 else "")
+            text += f" ({shown})"
+            text += "\n" + annotation.describe_organ_plan(status["organs"], self.finetuneSettings().starting_segmentor())
         if status["unmatched"]:
             text += "\n" + _("Segments not matching any of the 13 organs (rename or delete them before fine-tuning): {names}").format(
                 names=", ".join(status["unmatched"]))
-        self.ui.annotationStatusLabel.text = text + "\n" + hint
+        self.ui.annotationStatusLabel.text = text + "\n" + self.annotationHint()
 
     def reportSegmentation(self):
         """The segmentation holding the latest uncertainty report: the annotation, else the segmentation result."""
@@ -557,22 +572,16 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.logCallback: Callable[[str], None] = logging.info
         self.progressCallback: Callable[[ProgressUpdate], None] = lambda update: None
-        self.run: BackgroundRun | None = None
-        self.lastModel: Path | None = None
-        self._onRunDone: Callable[[int], None] | None = None
+        # The engine job of the latest click and the device probe, in child processes; one timer polls both.
+        self.jobs = BackgroundJobs(cancel_grace_s=CANCEL_GRACE_S)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self._poll)
-        self._cancelRequestedAt: float | None = None
-        self._jobDone: Callable[[bool, str, bool], None] | None = None
-        self._lastStderr = ""  # stderr tail of the last finished run, for error messages
+        self.lastModel: Path | None = None
         self.devices: dict[str, bool] | None = None  # {"cuda": ..., "mps": ...} once the device probe has answered
-        self._probe: BackgroundRun | None = None
-        self._probeDone: Callable[[], None] | None = None
-        self._probeTimer = qt.QTimer()
-        self._probeTimer.setInterval(POLL_INTERVAL_MS)
-        self._probeTimer.connect("timeout()", self._pollProbe)
         self.lastJob: str | None = None  # "segment" or "finetune": what the last successful job was
+        self.lastSegmentModel: str | None = None  # the model of the last segment job: its card's held-out figures are shown
+        self.lastWarnings: list[str] = []  # the engine's warnings about the last job's scan and result
         self._upgradedLoaded: list[dependencies.Missing] = []  # packages upgraded while imported: restart advised
 
     def getParameterNode(self):
@@ -645,31 +654,18 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         A child, not an import here: torch takes seconds to import in the GUI thread, and a broken torch
         must not stop the panel from loading. Without torch nothing is asked (devices stay unknown).
         """
-        if self._probe is not None or dependencies.torch_missing() is not None:
+        if dependencies.torch_missing() is not None:
             return
-        python = shutil.which("PythonSlicer") or sys.executable
-        self._probe = BackgroundRun([python, *commands.device_probe_args()], env=commands.child_environment(os.environ, _engine_parent()))
-        self._probeDone = onDone
-        self._probeTimer.start()
 
-    def _pollProbe(self) -> None:
-        probe = self._probe
-        if probe is None:
-            self._probeTimer.stop()
-            return
-        result = probe.poll()
-        for event in result.events:
-            found = commands.parse_device_probe(event.text) if isinstance(event, LogLine) else None
-            if found is not None:
-                self.devices = found
-        if result.finished:
-            self._probeTimer.stop()
-            self._probe = None
-            if self.devices is None:
-                logging.warning("DiffusionSeg: torch could not report its devices: %s", probe.stderr_tail[-500:])
-            onDone, self._probeDone = self._probeDone, None
-            if onDone is not None:
-                onDone()
+        def done(devices: dict[str, bool] | None, stderrTail: str) -> None:
+            if devices is None:
+                logging.warning("DiffusionSeg: torch could not report its devices: %s", stderrTail[-500:])
+            else:
+                self.devices = devices
+            onDone()
+
+        if self.jobs.start_probe([self.python(), *commands.device_probe_args()], done, env=self.childEnvironment()):
+            self._timer.start()
 
     # --- models ---
 
@@ -769,7 +765,8 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             logging.warning(f"DiffusionSeg: could not clean up {self.writtenLabelsFolder()}: {e}")
 
     def organVolumesText(self, segmentationNode, volumeNode) -> str:
-        """Per-organ volume, mean and standard deviation in HU, from Slicer's Segment Statistics."""
+        """Per-organ volume, mean and standard deviation in HU (Slicer's Segment Statistics), the model's held-out DSC
+        per organ with "check" where it is low, and the engine's warnings about the scan."""
         import SegmentStatistics
 
         statisticsLogic = SegmentStatistics.SegmentStatisticsLogic()
@@ -784,157 +781,168 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         segmentation = segmentationNode.GetSegmentation()
         names = {i: scene.segment_name_and_terminology(segmentation, i) for i in segmentation.GetSegmentIDs()}
         rows, absent = statistics.organ_volumes(statisticsLogic.getStatistics(), names)
-        return statistics.describe_volumes(rows, absent)
+        card = model_cards.find_card(self.lastSegmentModel) if self.lastSegmentModel else None
+        return statistics.describe_volumes(rows, absent, card, self.lastWarnings)
 
     # --- background runs ---
 
-    def start(self, args: list[str], onDone: Callable[[int], None]) -> None:
-        """Run the engine with `args` in a child process; `onDone(returncode)` once it has ended."""
-        if self.run is not None:
-            raise RuntimeError(_("DiffusionSeg is already running; wait for it or cancel it first."))
-        python = shutil.which("PythonSlicer") or sys.executable
-        command = commands.engine_command(python) + args
-        self.logCallback(" ".join(f'"{c}"' if " " in c else c for c in command))
-        self.run = BackgroundRun(command, env=commands.child_environment(os.environ, _engine_parent()))
-        self._onRunDone = onDone
-        self._cancelRequestedAt = None
+    @staticmethod
+    def python() -> str:
+        """Slicer's Python launcher (the engine's packages are installed for it), or this Python outside Slicer."""
+        return shutil.which("PythonSlicer") or sys.executable
+
+    @staticmethod
+    def childEnvironment() -> dict[str, str]:
+        return commands.child_environment(os.environ, _engine_parent())
+
+    def startJob(self, engineArgs: list[list[str]], onEnd: Callable[[JobEnd], None]) -> None:
+        """Run the engine once per argument list, one after another in child processes; `onEnd(end)` once the job is over."""
+        command_lines = [commands.engine_command(self.python()) + args for args in engineArgs]
+        self.jobs.start_job(command_lines, onEnd, self._onEvent, env=self.childEnvironment())
+        for line in command_lines:
+            self.logCallback(" ".join(f'"{c}"' if " " in c else c for c in line))
         self._timer.start()
 
+    def _onEvent(self, event: Event) -> None:
+        if isinstance(event, ProgressUpdate):
+            self.progressCallback(event)
+        else:
+            if isinstance(event, Message) and event.warning is not None:
+                self.lastWarnings.append(event.warning)
+            self.logCallback(event.text)
+
     def _poll(self) -> None:
-        run = self.run
-        if run is None:
+        if not self.jobs.poll():
             self._timer.stop()
-            return
-        result = run.poll()
-        for event in result.events:
-            if isinstance(event, ProgressUpdate):
-                self.progressCallback(event)
-            elif isinstance(event, Message | LogLine):
-                self.logCallback(event.text)
-        if self._cancelRequestedAt is not None and not result.finished and time.monotonic() - self._cancelRequestedAt > CANCEL_GRACE_S:
-            run.kill()
-        if result.finished:
-            self._timer.stop()
-            self.run = None
-            self._lastStderr = run.stderr_tail
-            onDone, self._onRunDone = self._onRunDone, None
-            if onDone is not None:
-                try:
-                    onDone(commands.EXIT_CANCELLED if run.cancel_requested else result.returncode)
-                except Exception as e:  # a failing follow-up step must still end the job, or the UI stays busy
-                    logging.exception("DiffusionSeg follow-up step failed")
-                    self._finish(False, _("Failed: {error}").format(error=e))
 
     def cancel(self) -> None:
-        if self.run is not None:
+        if self.jobs.cancel():
             self.logCallback(_("Cancelling..."))
-            self._cancelRequestedAt = time.monotonic()
-            self.run.cancel()
 
     def waitForCompletion(self, timeout: float = 3600) -> None:
-        """Process events until the current run (and what it chains) has ended: for scripts and the self-test."""
+        """Process events until the current job has ended and its result is loaded: for scripts and the self-test."""
         deadline = time.monotonic() + timeout
-        while self.run is not None or self._jobDone is not None:
+        while self.jobs.busy:
             if time.monotonic() > deadline:
                 self.cancel()
                 raise TimeoutError(_("DiffusionSeg did not finish within {seconds} s").format(seconds=timeout))
             slicer.app.processEvents()
             time.sleep(0.02)
 
-    def _finish(self, ok: bool, message: str, outOfMemory: bool = False) -> None:
-        done, self._jobDone = self._jobDone, None
-        if done is not None:
-            done(ok, message, outOfMemory)
-
-    def _failed(self, code: int, what: str) -> None:
-        self._finish(False, f"{what} {commands.describe_exit(code, self._lastStderr)}", commands.is_out_of_memory(self._lastStderr))
-
     # --- jobs ---
 
     def segment(self, volumeNode, segmentationNode, model: str, device: str, onDone: Callable[[bool, str, bool], None]):
-        """Segment the CT in the background into `segmentationNode` (created when None, and returned)."""
+        """Segment the CT in the background into `segmentationNode` (created when None, and returned).
+
+        `onDone(ok, message, outOfMemory)` once the result is loaded or the job failed.
+        """
         if volumeNode is None:
             raise ValueError(_("Select a CT volume first."))
         if not model:
             raise ValueError(_("Select a segmentation model first (or fine-tune one)."))
+        if self.jobs.busy:
+            raise RuntimeError(_("DiffusionSeg is already running; wait for it or cancel it first."))
         created = segmentationNode is None
         if created:
             segmentationNode = self.newSegmentation(volumeNode, "organs")
         folder = self.workFolder("segment")
-        ct = self.exportVolume(volumeNode, folder / "ct.nrrd")
         result, report = folder / "result.seg.nrrd", folder / "uncertainty.json"
-        self._jobDone = onDone
         started = time.monotonic()
+        self.lastSegmentModel, self.lastWarnings = str(model), []
 
-        def done(code: int) -> None:
-            if code != 0:
-                if created:  # no empty node left behind by a failed or cancelled run
-                    slicer.mrmlScene.RemoveNode(segmentationNode)
-                self._failed(code, _("Segmenting"))
-            else:
-                try:
+        def done(end: JobEnd) -> None:
+            ok, outOfMemory = False, end.out_of_memory
+            try:
+                if not end.ok:
+                    message = f"{_('Segmenting')} {end.describe()}"
+                else:
                     self.importSegmentation(result, segmentationNode, volumeNode)
                     self.placeBeside(segmentationNode, volumeNode)
                     segmentationNode.SetAttribute(UNCERTAINTY_ATTRIBUTE, report.read_text(encoding="utf-8"))
                     self.lastJob = "segment"
-                    self._finish(True, _("Segmented in {seconds:.0f} s.").format(seconds=time.monotonic() - started))
-                except Exception as e:
-                    self._finish(False, _("Segmenting finished but the result could not be loaded: {error}").format(error=e))
-            shutil.rmtree(folder, ignore_errors=True)
+                    ok, message = True, _("Segmented in {seconds:.0f} s.").format(seconds=time.monotonic() - started)
+            except Exception as e:
+                logging.exception("DiffusionSeg: loading the segmentation failed")
+                message = _("Segmenting finished but the result could not be loaded: {error}").format(error=e)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            if not ok and created:  # no empty node left behind by a failed or cancelled run
+                slicer.mrmlScene.RemoveNode(segmentationNode)
+            onDone(ok, message, outOfMemory)
 
-        self.start(commands.segment_args(ct, result, model=model, device=device, uncertainty=report), done)
+        try:
+            ct = self.exportVolume(volumeNode, folder / "ct.nrrd")
+            self.startJob([commands.segment_args(ct, result, model=model, device=device, uncertainty=report)], done)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            if created:
+                slicer.mrmlScene.RemoveNode(segmentationNode)
+            raise
         return segmentationNode
 
     def finetune(self, volumeNode, annotationNode, settings: commands.FinetuneSettings, name: str | None, device: str,
                  onDone: Callable[[bool, str, bool], None]) -> None:
-        """Fine-tune on the annotated slices, segment with the new model and write back, keeping painted slices."""
-        from DiffusionSegLib.writeback import prepare_annotation  # the file side: needs the installed packages
+        """One engine job (``diffusionseg refine``): fine-tune on the annotated slices, segment with the new model and
+        write the result back into the annotation, keeping the painted slices as they are.
 
+        The annotated slices are annotated for the organs painted on them; the organs not painted are kept from the
+        model fine-tuning starts from (when that is a segmentation model). `onDone(ok, message, outOfMemory)` once the
+        result is loaded or the job failed; the annotation is changed only when the whole job succeeded.
+        """
         if volumeNode is None or annotationNode is None:
             raise ValueError(_("Select a CT volume and the annotation segmentation first."))
-        folder = self.workFolder("finetune")
-        ct = self.exportVolume(volumeNode, folder / "ct.nrrd")
-        annotationFile = self.exportSegmentation(annotationNode, folder / "annotation.seg.nrrd")
-        painted = folder / "painted.seg.nrrd"
-        writtenPath = scene.written_path(annotationNode)
-        summary = prepare_annotation(ct, annotationFile, painted, scene.recorded_slices(annotationNode), writtenPath)
-        self.logCallback(_("Fine-tuning on {count} annotated slices; organs: {organs}").format(
-            count=len(summary["slices"]), organs=", ".join(summary["organs"])))
+        if self.jobs.busy:
+            raise RuntimeError(_("DiffusionSeg is already running; wait for it or cancel it first."))
+        status = self.annotationStatus(annotationNode, volumeNode)  # what the engine will take from the exported files
+        if status["unmatched"]:
+            raise ValueError(_("Rename or delete the segments that match none of the 13 organs before fine-tuning: {names}").format(
+                names=", ".join(status["unmatched"])))
+        if not status["slices"]:
+            raise ValueError(_("No annotated slice yet: paint at least one organ on one axial slice."))
+        if not status["organs"]:
+            raise ValueError(_("The annotated slices hold no organ: paint at least one organ on one of them."))
         folderName = commands.model_folder_name(name or volumeNode.GetName(), [i.name for i in model_cards.list_models()])
         output = model_cards.user_models_dir() / folderName
-        self._jobDone = onDone
+        previous = scene.written_path(annotationNode)
+        written = previous if previous is not None and previous.suffix == annotation.WRITTEN_SUFFIX else None  # older formats: not read
+        writtenOutput = annotation.new_written_path(self.writtenLabelsFolder())  # a new name: the node's file stays until success
+        folder = self.workFolder("finetune")
+        result, report = folder / "result.seg.nrrd", folder / "uncertainty.json"
+        self.logCallback(_("Fine-tuning on {count} annotated slices. {plan}").format(
+            count=len(status["slices"]), plan=annotation.describe_organ_plan(status["organs"], settings.starting_segmentor())))
         started = time.monotonic()
 
-        def trained(code: int) -> None:
-            if code != 0:
-                self._failed(code, _("Fine-tuning"))
-                shutil.rmtree(folder, ignore_errors=True)
-                return
-            self.lastModel = output
-            self.logCallback(_("Saved the fine-tuned model {name} in {path}").format(name=name or folderName, path=output))
-            prediction, report = folder / "prediction.seg.nrrd", folder / "uncertainty.json"
-            self.start(commands.segment_args(ct, prediction, model=output, device=device, uncertainty=report),
-                       lambda code: segmented(code, prediction, report))
-
-        def segmented(code: int, prediction: Path, report: Path) -> None:
+        def done(end: JobEnd) -> None:
+            ok, outOfMemory = False, end.out_of_memory
             try:
-                if code != 0:
-                    self._failed(code, _("Segmenting with the fine-tuned model"))
-                    return
-                self.writeBack(volumeNode, annotationNode, ct, prediction, painted, summary["slices"], report)
-                self.lastJob = "finetune"
-                self._finish(True, _("Fine-tuned and segmented in {seconds:.0f} s; your {count} painted slices were kept.").format(
-                    seconds=time.monotonic() - started, count=len(summary["slices"])))
+                if not end.ok:
+                    message = f"{_('Fine-tuning')} {end.describe()}"
+                else:
+                    self.lastModel = output
+                    self.logCallback(_("Saved the fine-tuned model {name} in {path}").format(name=name or folderName, path=output))
+                    self.sceneOps().write_back(volumeNode, annotationNode, result, status["slices"], report, writtenOutput)
+                    self.lastJob = "finetune"
+                    ok, message = True, _("Fine-tuned and segmented in {seconds:.0f} s; your {count} annotated slices were kept.").format(
+                        seconds=time.monotonic() - started, count=len(status["slices"]))
             except Exception as e:
-                self._finish(False, _("Writing the result back failed: {error}").format(error=e))
+                logging.exception("DiffusionSeg: loading the fine-tuned result failed")
+                message = _("Fine-tuning finished but the result could not be written back: {error}").format(error=e)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
+                if scene.written_path(annotationNode) != writtenOutput:  # not taken into use: a failed run's file, or none
+                    writtenOutput.unlink(missing_ok=True)
+            onDone(ok, message, outOfMemory)
 
-        self.start(commands.finetune_args([ct], [painted], output, settings, name=name or folderName, device=device), trained)
-
-    def writeBack(self, volumeNode, annotationNode, ct: Path, prediction: Path, painted: Path, slices: list[int], report: Path) -> None:
-        """Load prediction + painted slices into the annotation node and remember what was written."""
-        self.sceneOps().write_back(volumeNode, annotationNode, ct, prediction, painted, slices, report, self.writtenLabelsFolder())
+        try:
+            ct = self.exportVolume(volumeNode, folder / "ct.nrrd")
+            annotationFile = self.exportSegmentation(annotationNode, folder / "annotation.seg.nrrd")
+            args = commands.refine_args(ct, annotationFile, output, result, settings, recorded=scene.recorded_slices(annotationNode),
+                                        written=written, written_output=writtenOutput, organs=status["organs"], uncertainty=report,
+                                        name=name or folderName, device=device)
+            self.startJob([args], done)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     # --- suggestions ---
 

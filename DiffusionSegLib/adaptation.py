@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .devices import autocast
 from .diffusion import GaussianDiffusion
 from .unet import UNetModel
 
@@ -63,12 +64,6 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    # bf16 where CUDA supports it, as pretraining; fp16 without a gradient scaler could underflow, so none otherwise.
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast("cuda" if device.type == "cuda" else "cpu", dtype=torch.bfloat16, enabled=enabled)
-
-
 def _window_mean(losses: list[float], first: bool) -> float | None:
     if not losses:
         return None
@@ -107,11 +102,10 @@ def adapt_backbone(
         return AdaptationResult(0, 0.0, None, None)
     generator = torch.Generator().manual_seed(seed)
     unet.to(device).train().requires_grad_(True)
-    # The lr is half pretraining's peak (2e-4 -> 2e-5): a budget of minutes buys a few dozen steps on
-    # the CPU, which at the settled 2e-5 would hardly move the weights. No EMA: pretraining's averages over thousands of updates (decay
-    # 0.999-0.9999) and the exported weights already are that average; over the few dozen steps a budget
-    # of minutes buys, an EMA of such a decay would hardly leave the starting weights, undoing the
-    # adaptation, and steps this small do not make the raw weights noisy.
+    # The lr is half pretraining's peak: a budget of minutes buys a few dozen steps on the CPU, which at
+    # pretraining's final rate would hardly move the weights. No EMA: the exported weights already are
+    # pretraining's average, and an EMA of its decay over a few dozen steps would stay at the starting
+    # weights, undoing the adaptation; steps this small do not make the raw weights noisy.
     optimizer = torch.optim.Adam(unet.parameters(), lr=lr, fused=device.type == "cuda" or None)
     losses: list[float] = []
     for pick in shuffled_batches(images.shape[0], batch_size, generator):
@@ -130,7 +124,7 @@ def _step(
     unet: UNetModel, x0: torch.Tensor, diffusion: GaussianDiffusion, optimizer: torch.optim.Optimizer, generator: torch.Generator, device: torch.device
 ) -> float:
     """One optimiser step on the noise loss; returns the loss."""
-    with _autocast(device):
+    with autocast(device, fp16=False):  # fp16 without a gradient scaler could underflow
         loss = diffusion.training_loss(unet, x0, generator=generator)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from .organs import NUM_CLASSES, ORGANS
-from .preprocessing import ModelSpaceVolume, PreprocessingSpec, labels_to_model_space, to_model_space
+from .preprocessing import PreprocessingSpec, labels_to_model_space, to_model_space
 
 
 def annotated_input_slices(labels: sitk.Image, slice_axis: int) -> list[int]:
@@ -100,8 +100,3 @@ def training_slices(pairs: list[tuple[sitk.Image, sitk.Image]], spec: Preprocess
         sources=sources,
         organ_sets=sets,
     )
-
-
-def model_space_annotated(volume: ModelSpaceVolume, labels: sitk.Image) -> list[int]:
-    """Model slice indices of the annotated slices of `labels` (on `volume`'s input grid)."""
-    return [volume.model_slice(i) for i in annotated_input_slices(labels, volume.slice_axis)]

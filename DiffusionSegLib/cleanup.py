@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from scipy import ndimage  # a dependency of scikit-image, so always installed with DiffusionSeg
 from skimage.measure import label as connected_components
 
-from .preprocessing import canonical_axes
+from .orientation import axial_axis
 
 MIN_FRACTION = 0.1
 MAX_HOLE_MM2 = 1000.0  # 10 cm^2: ~100 pixels of the bundled model's 3.2 mm grid, far above a missed vessel
@@ -117,8 +117,7 @@ def slice_array_axis(image: sitk.Image) -> int:
     The same choice `preprocessing.model_grid` makes (its `slice_axis`, converted from SimpleITK's x, y, z
     index order), so a labelmap on the CT's grid is cleaned in the planes the model saw.
     """
-    axis_for, _ = canonical_axes(image.GetDirection())
-    return 2 - axis_for[2]
+    return 2 - axial_axis(image.GetDirection())
 
 
 def clean_image(

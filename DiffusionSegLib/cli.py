@@ -1,4 +1,4 @@
-"""The ``diffusionseg`` command: segment, demo, finetune, evaluate, models.
+"""The ``diffusionseg`` command: segment, demo, finetune, refine, evaluate, models.
 
 Errors in the user's input print one line naming the file and the problem and exit with status 2;
 Ctrl-C or SIGTERM exits with status 130. Outputs are written atomically at the very end, so neither
@@ -14,48 +14,35 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import Field, fields
 from pathlib import Path
 
 import SimpleITK as sitk
 import torch
 
-from . import __version__
-from .adaptation import adapt_backbone
-from .annotations import labelled_organs, training_slices
+from . import __version__, strategies
+from .anatomy_check import anatomy_warnings
+from .annotations import labelled_organs
 from .atomic import atomic_path
 from .demo import DEFAULT_OUTPUT_DIR, SAMPLE_CT, demo_outputs
-from .devices import DEVICES, configure_cpu, describe_hardware, resolve_device
-from .diffusion import GaussianDiffusion
-from .errors import Cancelled, InputError
-from .finetune import FinetuneConfig, finetune
+from .devices import DEVICES, configure_cpu, resolve_device
+from .errors import EXIT_CANCELLED, EXIT_INPUT_ERROR, Cancelled, InputError
+from .finetune import FinetuneConfig
 from .imageio import check_output_path, check_writable, read_ct, read_labels, write_labelmap
 from .inference import segment_ct
 from .metrics import organ_overlap
-from .models import (
-    ModelCard,
-    finetune_destination,
-    list_models,
-    load_segmentor,
-    load_unet,
-    now_iso,
-    portable_path,
-    read_card,
-    resolve_model,
-    save_model,
-    user_models_dir,
-)
+from .models import CARD_FILE, ModelCard, finetune_destination, list_models, load_segmentor, portable_path, resolve_model, save_model, user_models_dir
 from .organs import ORGANS, parse_organs
-from .preprocessing import PreprocessingSpec, to_model_space
 from .preview import write_preview
 from .progress import MODES, Progress
+from .recipe import TrainingCT, build_segmentor, check_adapt, finetune_model, new_segmentor
 from .seg_nrrd import is_slicer_segmentation, segment_organs
-from .segmentor import DEFAULT_HEAD_WIDTH, STRATEGIES, Segmentor
-from .statistics import organ_statistics, statistics_table, write_statistics
+from .segmentor import Segmentor
+from .statistics import add_trust, organ_statistics, statistics_table, write_statistics
+from .strategies import DEFAULT_STRATEGY, STRATEGIES
+from .strategies import summaries as strategy_summaries
 from .uncertainty import segment_with_uncertainty, write_report
-from .unet import PRESETS, preset_config
-
-EXIT_INPUT_ERROR = 2
-EXIT_CANCELLED = 130
+from .unet import PRESETS
 
 
 def _positive_int(text: str) -> int:
@@ -131,28 +118,45 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a bare name (no path separator) saves the model in your models folder, listed by 'diffusionseg models' and usable as "
                          "'--model NAME' from anywhere; a path (or an existing folder) is written where given (required)")
     ft.add_argument("--base", help="pretrained (or segmentation) model name or folder (default: the bundled pretrained model)")
-    ft.add_argument("--strategy", choices=STRATEGIES, default="ft-dec", help="ft-dec: encoder frozen; lp: head only; fs: from scratch (default: %(default)s)")
+    ft.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY, help=f"{strategy_summaries()} (default: %(default)s)")
     ft.add_argument("--preset", choices=sorted(PRESETS), help="architecture for --strategy fs without --base, at its native slice size "
                     "(default: the bundled pretrained model's architecture and preprocessing, so FS and FT-dec see the same pixels)")
     ft.add_argument("--head", type=_head_width, help="head hidden width, e.g. h128 or h256 (default: by preset)")
     ft.add_argument("--config", help="JSON file of fine-tuning settings (loss weights, optimiser, augmentation); flags override it (default: none)")
-    ft.add_argument("--iterations", type=_positive_int, help=f"training iterations (default: {FinetuneConfig.iterations})")
-    ft.add_argument("--batch-size", type=_positive_int,
-                    help=f"slices per iteration; unless given, a smaller one is taken on the CPU when it would not fit in memory "
-                         f"(default: {FinetuneConfig.batch_size})")
-    ft.add_argument("--lr", type=float, help=f"backbone learning rate; the head uses 10x (default: {FinetuneConfig.lr:g})")
-    ft.add_argument("--time-limit", type=float, help="stop after this many seconds of training (default: no limit)")
-    ft.add_argument("--patience", type=int,
-                    help=f"stop once the loss has not improved for this many iterations; 0 never stops early (default: {FinetuneConfig.patience})")
+    _add_finetune_flags(ft)
     ft.add_argument("--timestep", type=int, help="diffusion timestep fed to the network (default: 0)")
+    adaptable = " and ".join(s for s in STRATEGIES if strategies.get(s).pretrained)
     ft.add_argument("--adapt", type=_seconds, default=0.0, metavar="SECONDS",
                     help="first continue the pretrained base's DDPM training on all slices of the --image CTs (no labels needed) "
-                         "for this many seconds; ft-dec and lp from a pretrained base only (default: 0, off)")
-    ft.add_argument("--seed", type=int, help="random seed (default: 0)")
+                         f"for this many seconds; {adaptable} from a pretrained base only (default: 0, off)")
     ft.add_argument("--no-augment", action="store_true", help="train without affine and intensity augmentation (default: off, augmentation on)")
     ft.add_argument("--name", help="model name recorded in model.json (default: the folder name)")
     ft.add_argument("--half", action="store_true", help="store the weights in float16 (half the size; they are used in float32) (default: off)")
     common(ft)
+
+    rf = sub.add_parser("refine", help="one annotate-and-fine-tune round, as 3D Slicer's Fine-tune runs it: fine-tune on the annotated slices of "
+                        "an annotation, segment the CT with the new model and merge the annotated slices back as painted")
+    rf.add_argument("--image", required=True, help="CT: NIfTI, NRRD, MHA file or a DICOM series folder (required)")
+    rf.add_argument("--annotation", required=True, help="the annotation on the CT's grid: a Slicer .seg.nrrd or a labelmap of FLARE22 ids (required)")
+    rf.add_argument("-o", "--output", required=True, metavar="NAME_OR_FOLDER",
+                    help="the fine-tuned model, as for finetune: a bare name saves it in your models folder, a path where given (required)")
+    rf.add_argument("--result", required=True, help="the new model's segmentation of the CT with the annotated slices exactly as painted: "
+                    ".seg.nrrd (all 13 organ segments) or a .nii.gz/.nrrd/.mha labelmap (required)")
+    rf.add_argument("--uncertainty", metavar="FILE.json",
+                    help="also write the new model's per-axial-slice uncertainty to this JSON file (default: not written)")
+    rf.add_argument("--recorded-slices", metavar="LIST",
+                    help="axial slices (0-based indices, comma-separated) annotated in earlier rounds; they stay annotated (default: none)")
+    rf.add_argument("--written", metavar="FILE.npz",
+                    help="the labels the previous round wrote back (its --written-output): a slice that still holds them is the model's output, "
+                         "not annotated (default: none: every slice with a label is annotated)")
+    rf.add_argument("--written-output", metavar="FILE.npz", help="also save the merged labels here, the next round's --written (default: not written)")
+    rf.add_argument("--organs", metavar="LIST",
+                    help="organs the annotated slices are annotated for (comma-separated names or ids, or 'all'); there an unlabelled voxel may "
+                         "be one of the others, which a segmentation model as --base keeps (default: the organs painted on the annotated slices, "
+                         "and those erased there since --written; an empty segment labels nothing)")
+    for action in ft._actions:  # the fine-tuning settings are finetune's own flags, shared as argparse's parents= shares a parser's
+        if action.dest not in ("help", "image", "labels", "organs", "output"):
+            rf._add_action(action)
 
     ev = sub.add_parser("evaluate", help="per-organ DSC and Jaccard of a prediction against a reference")
     ev.add_argument("--pred", required=True, help="predicted labelmap or .seg.nrrd (required)")
@@ -192,15 +196,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     else:
         labelmap = segment_ct(ct, segmentor, card.preprocessing, device, args.batch_size, progress, cleanup=cleanup)
     progress.start("write", 1)
-    table: list[str] = []
-    statistics = None
-    if args.statistics:  # computed before anything is written: a failure here leaves no output at all
-        statistics = {"image": str(args.image), **organ_statistics(ct, labelmap)}
-        table = statistics_table(statistics)
+    # Computed before anything is written: a failure here leaves no output at all.
+    statistics = {"image": str(args.image), "model": card.name, **organ_statistics(ct, labelmap)}
+    add_trust(statistics, card.to_dict(), anatomy_warnings(ct, labelmap))
+    table = statistics_table(statistics)
     writes = [(output, lambda: write_labelmap(labelmap, output))]
     if args.uncertainty:
         writes.append((Path(args.uncertainty), lambda: write_report(report, args.uncertainty)))
-    if statistics is not None:
+    if args.statistics:
         writes.append((Path(args.statistics), lambda: write_statistics(statistics, args.statistics)))
     if args.preview:
         writes.append((Path(args.preview), lambda: write_preview(ct, labelmap, args.preview, title=Path(args.image).name)))
@@ -209,6 +212,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     progress.finish()
     for line in table:
         progress.message(line)
+    for warning in statistics["warnings"]:
+        progress.warning(warning)
     progress.message(f"wrote {', '.join(map(str, written))}")
     return 0
 
@@ -248,94 +253,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return status
 
 
-def _base_segmentor(args: argparse.Namespace) -> tuple[Segmentor, ModelCard | None, Path | None]:
-    """The network to fine-tune: pretrained backbone + new head, a previous segmentor, or a fresh one (fs)."""
-    if args.strategy == "fs" and args.base is None:
-        if args.preset is None:  # the default base's architecture and pixels: FS compares with FT-dec on equal terms
-            card = read_card(resolve_model(None, "pretrained"))
-            return _new_segmentor(card, args), card, None
-        preset = args.preset
-        config = preset_config(preset)
-        spec = PreprocessingSpec.for_size(config.image_size)
-        card = ModelCard(kind="pretrained", unet=config, preprocessing=spec, preset=preset, name=f"random-{preset}")
-        return _new_segmentor(card, args), card, None
-    base = resolve_model(args.base, "pretrained")
-    card = read_card(base)
-    if args.preset and card.preset and args.preset != card.preset:
-        raise InputError(f"--preset {args.preset}: the base model {base} is preset {card.preset}; drop --preset or choose another base")
-    if card.kind == "segmentor" and args.strategy != "fs":
-        segmentor, card = load_segmentor(base)  # keep improving a fine-tuned model, head included
-        if args.timestep is not None:
-            segmentor.timestep = args.timestep
-        return segmentor, card, base
-    segmentor = _new_segmentor(card, args)
-    if args.strategy != "fs":  # fs keeps only the base's architecture
-        unet, _ = load_unet(base)
-        segmentor.load_pretrained(unet.state_dict())
-    return segmentor, card, base
-
-
 def _new_segmentor(card: ModelCard, args: argparse.Namespace) -> Segmentor:
-    width = args.head or DEFAULT_HEAD_WIDTH.get(card.preset or "", 64)
-    timestep = args.timestep if args.timestep is not None else 0
-    if not 0 <= timestep < GaussianDiffusion.from_dict(card.schedule).num_timesteps:
-        raise InputError(f"--timestep {timestep}: must lie within the model's diffusion steps (0-{card.schedule.get('num_timesteps', 1000) - 1})")
-    return Segmentor(card.unet, width, timestep=timestep)
-
-
-def _check_adapt(args: argparse.Namespace) -> None:
-    if args.adapt > 0 and args.strategy == "fs":
-        raise InputError("--adapt: fs trains from random weights, so there is no pretrained backbone to adapt; drop --adapt or use --strategy ft-dec or lp")
-
-
-def _base_record(base_path: Path, base_card: ModelCard) -> dict:
-    """What the new card says of its base. A fine-tuned base keeps its own training record (metrics dropped: they
-    describe the base, not this model), so a model continued in stages tells its whole recipe."""
-    record = {"path": portable_path(base_path), "name": base_card.name, "kind": base_card.kind}
-    if base_card.kind == "segmentor":
-        record["provenance"] = {k: v for k, v in base_card.provenance.items() if k != "metrics"}
-    return record
-
-
-def _adapt(args: argparse.Namespace, segmentor: Segmentor, base_card: ModelCard, base_path: Path | None, cts: list[sitk.Image], seed: int,
-           device: torch.device, progress: Progress) -> dict | None:
-    """Continue the base's DDPM training on every slice of the CTs and give `segmentor` the adapted backbone.
-
-    Returns the provenance record, or None when nothing was adapted. A segmentation model as base is
-    skipped with a message, not refused: its noise output layer, which the denoising loss trains, was
-    replaced by its head, and the Slicer module keeps the setting while the user fine-tunes again.
-    """
-    if args.adapt <= 0:
-        return None
-    if base_card.kind != "pretrained" or base_path is None:
-        progress.message(f"--adapt skipped: the base {base_card.name} is a segmentation model, which cannot be trained as a denoiser; "
-                         "fine-tune from a pretrained model to adapt")
-        return None
-    unet, _ = load_unet(base_path)  # with its noise output layer, which the loss needs
-    slices = torch.cat([torch.from_numpy(to_model_space(ct, base_card.preprocessing).slices) for ct in cts])
-    progress.message(f"adapting the pretrained backbone to {len(slices)} unlabelled slices for {args.adapt:g} s")
-    progress.start("adapt", math.ceil(args.adapt))  # steps are seconds: the budget is time, not iterations
-
-    def on_step(_: int, loss: float) -> None:
-        progress.advance(min(int(progress.elapsed), progress.total) - progress.step, loss=loss)
-
-    result = adapt_backbone(unet, slices, GaussianDiffusion.from_dict(base_card.schedule), args.adapt, device, seed=seed, on_step=on_step)
-    progress.finish()
-    segmentor.load_pretrained(unet.state_dict())
-    progress.message(f"adapted in {result.iterations} iterations, denoising loss {result.loss_first:.4f} -> {result.loss_last:.4f}")
-    return result.provenance()
+    """A new segmentor of `card`'s architecture with --head and --timestep (random weights)."""
+    return new_segmentor(card, head=args.head, timestep=args.timestep)
 
 
 def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
-    """Defaults, then the --config file, then explicit flags."""
+    """Defaults, then the --config file, then explicit flags (those of FinetuneConfig's fields, and --strategy, --no-augment)."""
     settings: dict = {}
     if args.config:
         try:
             settings = json.loads(Path(args.config).expanduser().read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise InputError(f"{args.config}: cannot read fine-tuning settings ({e}); pass a JSON file holding an object of settings") from e
-    flags = {"iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr, "time_limit": args.time_limit, "seed": args.seed,
-             "patience": args.patience}
+    flags = {f.name: getattr(args, f.name) for f in _flagged_fields()}
     settings.update({k: v for k, v in flags.items() if v is not None}, strategy=args.strategy)
     if args.no_augment:
         settings["augment"] = {**settings.get("augment", {}), "enabled": False}
@@ -343,6 +274,19 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
         return FinetuneConfig.from_dict(settings)
     except (TypeError, ValueError) as e:
         raise InputError(f"{args.config or 'fine-tuning settings'}: {e}") from e
+
+
+def _flagged_fields() -> list[Field]:
+    """The FinetuneConfig fields that are `finetune` flags (their metadata holds the flag's help)."""
+    return [f for f in fields(FinetuneConfig) if "flag" in f.metadata]
+
+
+def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per flagged FinetuneConfig field: --name-with-dashes, typed by the field, its default shown from the dataclass."""
+    for f in _flagged_fields():
+        kind = _positive_int if f.metadata.get("positive") else float if str(f.type).startswith("float") else int
+        default = f.metadata.get("none", "none") if f.default is None else f"{f.default:g}" if kind is float else f.default
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, help=f"{f.metadata['flag']} (default: {default})")
 
 
 def _declared_organs(args: argparse.Namespace) -> list[set[int] | None]:
@@ -371,88 +315,33 @@ def _organ_set(declared: set[int] | None, labels: sitk.Image, path: str) -> set[
     return present
 
 
-def _postprocessing_of(base_card: ModelCard, strategy: str) -> dict:
-    """A segmentor base passes on its cleanup setting. Fine-tuned from pretrained weights, cleanup is on: held out it raised
-    mean DSC for every such model measured (docs/model-figures.md; 0.42 -> 0.48 on a new patient). FS starts from random
-    weights, was not measured so, and keeps the plain labelmap."""
-    if base_card.kind == "segmentor":
-        return dict(base_card.postprocessing)
-    return {"cleanup": True} if strategy != "fs" else {}
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     if len(args.image) != len(args.labels):
         raise InputError(f"got {len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
     output = finetune_destination(args.output)
-    if output.exists() and not (output / "model.json").exists() and (not output.is_dir() or any(output.iterdir())):
+    if output.exists() and not (output / CARD_FILE).exists() and (not output.is_dir() or any(output.iterdir())):
         raise InputError(f"{output}: exists and is not a DiffusionSeg model folder; choose another output path")
     check_writable(output, "-o", creates_folders=True)
     config = _finetune_config(args)
-    _check_adapt(args)
+    check_adapt(args.strategy, args.adapt)
     device = resolve_device(args.device)
-    segmentor, base_card, base_path = _base_segmentor(args)
-    spec = base_card.preprocessing
-
+    start = build_segmentor(args.base, args.strategy, args.head, args.timestep, args.preset)
     declared = _declared_organs(args)
-    pairs, data = [], []
+    training = []
     for image_path, labels_path in zip(args.image, args.labels, strict=True):
         ct = read_ct(image_path)
-        labels = read_labels(labels_path, ct)
-        pairs.append((ct, labels))
-        data.append({"image": portable_path(image_path), "labels": portable_path(labels_path)})
-    organ_sets = [_organ_set(given, labels, path) for given, (_, labels), path in zip(declared, pairs, args.labels, strict=True)]
-    slices = training_slices(pairs, spec, organ_sets)
-    for number, entry in enumerate(data):
-        entry["annotated_slices"] = [index for n, index in slices.sources if n == number]
-        entry["labelled_organs"] = [o.name for o in ORGANS if o.label in slices.organ_sets[number]]
-        if not entry["annotated_slices"]:
-            raise InputError(f"{args.labels[number]}: no annotated slice (no labelled voxel); paint at least one organ on one axial slice")
+        training.append(TrainingCT(ct, read_labels(labels_path, ct), source={"image": portable_path(image_path), "labels": portable_path(labels_path)},
+                                   name=labels_path))
+    for t, given in zip(training, declared, strict=True):
+        t.organs = _organ_set(given, t.labels, t.name)
 
     progress = Progress(args.progress)
-    adaptation = _adapt(args, segmentor, base_card, base_path, [ct for ct, _ in pairs], config.seed, device, progress)
-    organs = ", ".join(slices.summary()["organs"])
-    progress.message(f"fine-tuning ({args.strategy}) on {len(slices.sources)} annotated slices, organs: {organs}; device {device}")
-    if unlabelled := slices.unlabelled_organs():
-        kept = "kept as the base model knows them" if base_card.kind == "segmentor" and args.strategy != "fs" else "not learned"
-        progress.message(f"partial labels: {', '.join(unlabelled)} unlabelled in at least one CT; there, unlabelled voxels may be them ({kept})")
-    progress.start("finetune", config.iterations)
-    result = finetune(segmentor, slices.images, slices.labels, config, device, lambda _, loss: progress.advance(loss=loss),
-                      fit_batch_size=args.batch_size is None and not args.config, on_message=progress.message,
-                      labelled=slices.labelled(segmentor.num_classes), keep_unlabelled=base_card.kind == "segmentor" and args.strategy != "fs")
-    progress.finish()
-
-    card = ModelCard(
-        kind="segmentor",
-        unet=base_card.unet,
-        preprocessing=spec,
-        schedule=base_card.schedule,
-        head={"width": segmentor.head.hidden, "layers": segmentor.head.num_layers},
-        strategy=args.strategy,
-        timestep=segmentor.timestep,
-        preset=base_card.preset,
-        postprocessing=_postprocessing_of(base_card, args.strategy),
-        licence=dict(base_card.licence),
-        name=args.name or output.name,
-        provenance={
-            "created": now_iso(),
-            "diffusionseg_version": __version__,
-            "base": None if base_path is None else _base_record(base_path, base_card),
-            "adaptation": adaptation,
-            "data": data,
-            "training_slices": slices.summary(),
-            "iterations": result.iterations,
-            "stopped_by": result.stopped_by,
-            "final_loss": result.final_loss,
-            "seconds": round(result.seconds, 1),
-            "device": str(device),
-            "hardware": describe_hardware(device),
-            "config": config.to_dict(),
-            "metrics": {},
-        },
-    )
+    segmentor, card = finetune_model(training, start, config, adapt_seconds=args.adapt, device=device, progress=progress,
+                                     fit_batch_size=args.batch_size is None and not args.config, name=args.name or output.name)
     folder = save_model(output, card, segmentor.state_dict(), half=args.half)
     use = f"--model {folder.name}" if folder.parent == user_models_dir().resolve() else f"--model {folder}"
-    progress.message(f"wrote {folder} ({result.iterations} iterations, final loss {result.final_loss:.4f}, {result.seconds:.0f} s); "
+    record = card.provenance
+    progress.message(f"wrote {folder} ({record['iterations']} iterations, final loss {record['final_loss']:.4f}, {record['seconds']:.0f} s); "
                      f"segment with it: diffusionseg segment CT.nii.gz -o CT.seg.nrrd {use}")
     return 0
 
@@ -488,7 +377,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "demo": cmd_demo, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "models": cmd_models}
+def cmd_refine(args: argparse.Namespace) -> int:
+    """finetune's recipe and settings on one annotation, then segment with the new model and merge the annotated slices back."""
+    from .refine import RefineOutputs, organ_list, refine, slice_list
+
+    outputs = RefineOutputs.checked(args.output, args.result, uncertainty=args.uncertainty, written=args.written_output)
+    recorded, organs = slice_list(args.recorded_slices), organ_list(args.organs)
+    config = _finetune_config(args)
+    check_adapt(args.strategy, args.adapt)
+    device = resolve_device(args.device)
+    start = build_segmentor(args.base, args.strategy, args.head, args.timestep, args.preset)
+    refine(args.image, args.annotation, outputs, recorded=recorded, written=args.written, organs=organs, base=start, config=config, name=args.name,
+           half=args.half, device=device, progress=Progress(args.progress), adapt_seconds=args.adapt,
+           fit_batch_size=args.batch_size is None and not args.config)
+    return 0
+
+
+COMMANDS = {"segment": cmd_segment, "demo": cmd_demo, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "models": cmd_models,
+            "refine": cmd_refine}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

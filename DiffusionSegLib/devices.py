@@ -48,12 +48,10 @@ def _keep_freed_memory() -> None:
     """Stop glibc from handing freed activation memory back to the kernel after every layer.
 
     By default glibc serves blocks over a few MB with fresh mmaps and trims the heap, so every layer's
-    output is page-faulted in again: on 2 cores a third to a half of the CPU time of a forward pass
-    went to the kernel. Serving everything from the heap (no mmap) and trimming only above 1 GB free
-    lets the next batch reuse the memory: fine-tuning the small preset at 256 px, batch 4, went from
-    10.1 to 5.4 s an iteration, inference at batch 8 from 0.81 to 0.48 s a slice. The price is peak RAM
-    (kept memory is not returned: pretraining `small` 4.0 -> 5.2 GB). No-op off glibc or with
-    DIFFUSIONSEG_NO_MALLOPT set.
+    output is page-faulted in again and much of a forward pass's CPU time goes to the kernel. Serving
+    everything from the heap (no mmap) and trimming only above 1 GB free lets the next batch reuse the
+    memory, at the price of a higher peak RAM (kept memory is not returned). Figures in
+    docs/engine-notes.md. No-op off glibc or with DIFFUSIONSEG_NO_MALLOPT set.
     """
     if platform.system() != "Linux" or os.environ.get("DIFFUSIONSEG_NO_MALLOPT"):
         return
@@ -66,11 +64,14 @@ def _keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 2**30)
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """Mixed precision where it pays: fp16 on CUDA (bf16 where supported), none elsewhere."""
+def autocast(device: torch.device, fp16: bool = True) -> torch.autocast:
+    """Mixed precision where it pays: bf16 on CUDA where supported, else fp16 (or none when not `fp16`); none elsewhere.
+
+    Pass ``fp16=False`` where the loss may not be scaled: a small fp16 gradient underflows to zero.
+    """
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        bf16 = torch.cuda.is_bf16_supported()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if bf16 else torch.float16, enabled=bf16 or fp16)
     return torch.autocast(device.type, enabled=False)
 
 

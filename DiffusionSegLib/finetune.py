@@ -24,6 +24,7 @@ from .devices import autocast
 from .errors import InputError
 from .memory import available_memory, fit_batch, measure_step, out_of_memory_message
 from .segmentor import Segmentor
+from .strategies import DEFAULT_STRATEGY
 
 
 @dataclass
@@ -49,38 +50,43 @@ class AugmentConfig:
 
 @dataclass
 class FinetuneConfig:
-    strategy: str = "ft-dec"
-    # 160 iterations of batch 3 at twice the paper's learning rate keep 4-slice FT-dec of the bundled
-    # 128 px model under 5 minutes on 2 slow CPU cores and measured as well as 200 of batch 4 at 1e-4
-    # (held-out figures in docs/model-figures.md; 150 at 1e-4 lost 5-17 points, 150 at 3e-4 lost 6.5
-    # across patients; batch 4 took 1.9 s an iteration, 304 s). The paper's 1e-4 is for tens of
-    # thousands of iterations; the benchmark keeps it.
-    iterations: int = 160
-    batch_size: int = 3
-    lr: float = 2e-4  # backbone learning rate; the head uses lr x head_lr_factor
+    """Fine-tuning settings (``--config`` JSON).
+
+    A field whose metadata has a `flag` help text is also a ``diffusionseg finetune`` flag of its name,
+    its default shown from here (`none`: how a None default reads; `positive`: the flag takes 1 or more).
+    """
+
+    strategy: str = DEFAULT_STRATEGY  # strategies.py: which parts learn
+    # A short schedule at twice the method's learning rate: what a user waits for on a laptop CPU is
+    # minutes, and held out it scores as the method's longer, slower schedule did (docs/engine-notes.md).
+    # The method's 1e-4 is for tens of thousands of iterations; the label-efficiency benchmark keeps it.
+    iterations: int = field(default=160, metadata={"flag": "training iterations", "positive": True})
+    batch_size: int = field(default=3, metadata={
+        "flag": "slices per iteration; unless given, a smaller one is taken on the CPU when it would not fit in memory", "positive": True})
+    lr: float = field(default=2e-4, metadata={"flag": "backbone learning rate; the head uses 10x"})  # the head's is lr x head_lr_factor
     head_lr_factor: float = 10.0
     weight_decay: float = 1e-4
     head_weight_decay: float = 1e-3
     ce_weight: float = 0.5
     dice_eps: float = 1e-5
     dice_background: bool = False  # background Dice would dominate a slice that is mostly background
-    time_limit: float | None = None  # seconds; training stops after the iteration that crosses it
-    seed: int = 0
-    # Frozen-part cache: augmented copies per slice (copy 0 is the slice itself) and a memory cap.
-    # Off by default (0: fresh augmentation every iteration, frozen part recomputed without autograd):
-    # for FT-dec a fixed pool of 16 copies saves only the encoder pass (~10% of a step at 128 px, 0.94x
-    # at 256 px: the decoder dominates) and cost 10 DSC points at 4 slices (42.9 -> 52.8 on abdomen-ct-a). LP,
-    # whose frozen part is nearly the whole network, runs ~3x faster with a pool: turn it on there.
+    # Seconds; training stops after the iteration that crosses it.
+    time_limit: float | None = field(default=None, metadata={"flag": "stop after this many seconds of training", "none": "no limit"})
+    seed: int = field(default=0, metadata={"flag": "random seed"})
+    # Frozen-part cache: augmented copies per slice (copy 0 is the slice itself) and a memory cap. Off by
+    # default (0: fresh augmentation every iteration, frozen part recomputed without autograd): with few
+    # slices a fixed pool of copies is too little variety and costs accuracy, while for FT-dec it saves
+    # only the encoder pass, a small share of a step. LP, whose frozen part is nearly the whole network,
+    # gains several-fold in speed: turn it on there. Figures in docs/engine-notes.md.
     cache_copies: int = 0
     # Partial labels from a segmentor base: weight of keeping the base's answer among background and the
     # organs a slice leaves unlabelled (a KL term on its unlabelled pixels). The marginal loss alone gives
-    # those organs no gradient at all, and a few hundred Adam steps then scramble them (measured on
-    # abdomen-ct-a, liver-only labels from the bundled segmentor: spleen 0.97 -> 0.62 without it).
+    # those organs no gradient at all, so a few hundred Adam steps scramble what the base knew of them.
     keep_weight: float = 1.0
     cache_memory_mb: float = 2048.0
     # Plateau stop: after `min_iterations`, stop once the mean loss of the last `patience` iterations
     # is not `min_improvement` (relative) below the best earlier such mean. 0 patience disables it.
-    patience: int = 60
+    patience: int = field(default=60, metadata={"flag": "stop once the loss has not improved for this many iterations; 0 never stops early"})
     min_improvement: float = 0.02
     min_iterations: int = 100
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -206,35 +212,25 @@ def augment_batch(
 
 
 class FrozenCache:
-    """Outputs of the frozen part of a segmentor for a fixed pool of (augmented) slices.
+    """Outputs of the frozen part of a segmentor (`Segmentor.frozen_features`) for a fixed pool of (augmented) slices.
 
-    For ft-dec the frozen part is the encoder (skip activations, middle block, time embedding); for lp
-    it is the whole U-Net (decoder features). The time embedding is the same for every slice (one
-    timestep), so one row is kept and expanded.
+    For ft-dec the frozen part is the encoder (skip activations, middle block); for lp it is the whole
+    U-Net (decoder features).
     """
 
     def __init__(self, segmentor: Segmentor, images: torch.Tensor, labels: torch.Tensor, device: torch.device, chunk: int = 4) -> None:
         self.labels = labels.to(device)
-        self.decoder_frozen = segmentor.decoder_frozen()
         parts: list[list[torch.Tensor]] = []
         with torch.no_grad(), autocast(device):
             for start in range(0, images.shape[0], chunk):
-                hs, h, emb = segmentor.encode(images[start : start + chunk].to(device))
-                if self.decoder_frozen:
-                    parts.append([segmentor.unet.decode(hs, h, emb).float()])
-                else:
-                    parts.append([t.float() for t in (*hs, h)])
-                    self.emb = emb[:1].float()
+                parts.append([t.float() for t in segmentor.frozen_features(images[start : start + chunk].to(device))])
         self.tensors = [torch.cat(column) for column in zip(*parts, strict=True)]
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
     def logits(self, segmentor: Segmentor, pick: torch.Tensor) -> torch.Tensor:
-        chosen = [t[pick] for t in self.tensors]
-        if self.decoder_frozen:
-            return segmentor.head(chosen[0])
-        return segmentor.decode(chosen[:-1], chosen[-1], self.emb.expand(len(pick), -1))
+        return segmentor.trainable_logits([t[pick] for t in self.tensors])
 
 
 def frozen_bytes_per_slice(segmentor: Segmentor, size: int) -> int:
@@ -242,9 +238,8 @@ def frozen_bytes_per_slice(segmentor: Segmentor, size: int) -> int:
     probe = torch.zeros(1, 1, size, size, device="meta")
     with torch.device("meta"):
         meta = Segmentor(segmentor.unet.config, segmentor.head.hidden, segmentor.head.num_layers, segmentor.timestep, segmentor.num_classes)
-    hs, h, emb = meta.encode(probe)
-    outputs = [meta.unet.decode(hs, h, emb)] if segmentor.decoder_frozen() else [*hs, h]
-    return sum(t.numel() for t in outputs) * 4
+    meta.set_trainable(segmentor.trainable_parts())
+    return sum(t.numel() for t in meta.frozen_features(probe)) * 4
 
 
 def cache_pool_size(config: FinetuneConfig, slices: int, bytes_per_slice: int) -> int:
@@ -323,13 +318,8 @@ def finetune(
         segmentor.head.set_class_prior(class_frequencies(labels, segmentor.num_classes))
     segmentor.to(device)
     segmentor.train()
-    encoder_frozen = segmentor.encoder_frozen()
-    if encoder_frozen:
-        for module in segmentor.encoder_modules():
-            module.eval()
-    decoder_frozen = segmentor.decoder_frozen()
-    if decoder_frozen:
-        segmentor.unet.output_blocks.eval()
+    for module in segmentor.frozen_modules():
+        module.eval()
 
     groups = segmentor.parameter_groups(config.lr, config.weight_decay, config.head_lr_factor, config.head_weight_decay)
     optimizer = torch.optim.Adam(groups)
@@ -342,7 +332,7 @@ def finetune(
     batch = _fit_batch(segmentor, images, labels, config, device, free, fit_batch_size, on_message)
     start = time.monotonic()
     cache = None
-    if encoder_frozen:
+    if segmentor.frozen_parts():
         # The cache may take at most a quarter of the free memory, whatever the settings allow: the steps need the rest.
         cache_config = replace(config, cache_memory_mb=min(config.cache_memory_mb, free * CACHE_SHARE / 2**20))
         pool = cache_pool_size(cache_config, images.shape[0], frozen_bytes_per_slice(segmentor, images.shape[-1]))
@@ -367,7 +357,7 @@ def finetune(
                 pick = torch.randperm(images.shape[0], generator=generator)[:batch]
                 x, y = augment_batch(images[pick], labels[pick], config.augment, generator)
                 x, y = x.to(device), y.to(device)
-                logits = _logits(segmentor, x, encoder_frozen, decoder_frozen)
+                logits = _logits(segmentor, x)
                 reference = None if teacher is None else _teacher_logits(teacher, x, device)
         picked = None if labelled is None else labelled[pick]
         loss = segmentation_loss(logits.float(), y, config, picked)
@@ -439,22 +429,17 @@ def _fit_batch(segmentor: Segmentor, images: torch.Tensor, labels: torch.Tensor,
                may_lower: bool, on_message: Callable[[str], None] | None) -> int:
     """The batch size a step fits with: measured on one slice through the trainable part (what a step's backward needs)."""
     batch = min(config.batch_size, images.shape[0])
-    encoder_frozen, decoder_frozen = segmentor.encoder_frozen(), segmentor.decoder_frozen()
     x, y = images[:1].to(device), labels[:1].to(device)
-    memory = measure_step(segmentor, lambda: segmentation_loss(_logits(segmentor, x, encoder_frozen, decoder_frozen).float(), y, config))
-    cache = free * CACHE_SHARE if encoder_frozen and config.cache_copies > 0 else 0
+    memory = measure_step(segmentor, lambda: segmentation_loss(_logits(segmentor, x).float(), y, config))
+    cache = free * CACHE_SHARE if segmentor.frozen_parts() and config.cache_copies > 0 else 0
     decision = fit_batch(memory, batch, device, may_lower=may_lower and device.type == "cpu", what="finetune", available=int(free - cache))
     if decision.note and on_message is not None:
         on_message(decision.note)
     return decision.batch_size
 
 
-def _logits(segmentor: Segmentor, x: torch.Tensor, encoder_frozen: bool, decoder_frozen: bool) -> torch.Tensor:
+def _logits(segmentor: Segmentor, x: torch.Tensor) -> torch.Tensor:
     """Forward pass without autograd through whatever is frozen."""
-    if not encoder_frozen:
-        return segmentor(x)
     with torch.no_grad():
-        encoded = segmentor.encode(x)
-        if decoder_frozen:
-            features = segmentor.unet.decode(*encoded)
-    return segmentor.head(features) if decoder_frozen else segmentor.decode(*encoded)
+        features = segmentor.frozen_features(x)
+    return segmentor.trainable_logits(features)

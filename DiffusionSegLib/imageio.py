@@ -43,12 +43,12 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def check_writable(path: str | Path, flag: str = "output", *, creates_folders: bool = False) -> Path:
-    """`path` can be created (its folder exists and takes a new file), or InputError before any work.
+def check_writable(path: str | Path, flag: str = "output", *, creates_folders: bool = True) -> Path:
+    """`path` can be created (its folder, or the nearest existing one above, takes a new file), or InputError before any work.
 
-    Tried with a real temporary file beside it: permission bits do not tell about read-only mounts,
-    ACLs or a full quota. `creates_folders`: the writer makes missing folders, so the nearest existing
-    one must take them.
+    Tried with a real temporary file there: permission bits do not tell about read-only mounts, ACLs or a full
+    quota. `creates_folders` (default): the writer makes missing folders (``atomic`` does), so the nearest existing
+    one must take them; False: the folder itself must exist.
     """
     path = Path(path).expanduser()
     folder = path.parent

@@ -33,6 +33,10 @@ HEADROOM = 0.8  # use at most this fraction of the free memory: other processes 
 CPU_TRANSIENT = 1.5
 GPU_TRANSIENT = 1.3  # not yet measured on a GPU (docs/memory-guard.md)
 ATTENTION_BACKWARD = 2.0  # softmax's backward holds two more tokens x tokens matrices of the layer it is in
+# On the CPU a step also holds, whatever the batch, about ten times one sample's largest attention layer beyond the
+# above: the peak minus the prediction was the same at batch 1 and 2 (1.2 GiB for tiny at 256 px, whose largest layer
+# is 0.125 GiB; 0.08 GiB at 128 px, layer 0.008 GiB) in Testing/benchmarks/memory_guard.py; docs/memory-guard.md.
+CPU_ATTENTION_FIXED = 10.0
 MIN_TOKENS = 16  # smaller square tensors are not attention (and too small to matter)
 WORKER_BYTES = 150 << 20  # what each data loader process holds of its own (its Python heap, the batches it prepares)
 
@@ -204,6 +208,8 @@ def measure_step(model: torch.nn.Module, forward_one: Callable[[], torch.Tensor]
     fixed = trainable * (1 + optimizer_moments + (1 if optimizer_moments else 0))
     saved = saved_activations(forward_one, exclude=[*parameters, *model.buffers()])
     release_freed_memory()
+    if device.type != "cuda":
+        fixed += math.ceil(saved.largest_attention * CPU_ATTENTION_FIXED)
     per_worker = 0 if device.type == "cuda" else WORKER_BYTES
     return StepMemory(fixed, per_sample_bytes(saved, device), base, per_worker, saved)
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_folder
 from .bridge import model_cards as bridge_cards
-from .bridge.model_cards import BUNDLED_DIR, user_models_dir
+from .bridge.model_cards import BUNDLED_DIR, CARD_FILE, user_models_dir
 from .diffusion import GaussianDiffusion
 from .errors import InputError
 from .organs import ORGANS
@@ -33,7 +33,6 @@ from .unet import UNetConfig, UNetModel
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
-CARD_FILE = "model.json"
 KINDS = ("pretrained", "segmentor")
 
 # Names looked up when no model is given; a later release bundles models with these names.
@@ -88,8 +87,7 @@ class ModelCard:
     name: str = ""
     labels: list[dict] = field(default_factory=label_table)
     provenance: dict = field(default_factory=dict)
-    # Steps applied to the labelmap after segmentation, e.g. {"cleanup": true}; absent or {} means none,
-    # so cards written before the field existed keep their behaviour.
+    # Steps applied to the labelmap after segmentation, e.g. {"cleanup": true}; absent or {} means none.
     postprocessing: dict = field(default_factory=dict)
     # Terms of use the weights inherit from their training data, e.g. {"use": "non-commercial", "because": [...]};
     # {} when no data with a restriction went in. A model fine-tuned from another keeps its base's entry.

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from .orientation import canonical_axes
+
 # Above this many voxels the percentiles come from an evenly strided subsample: same estimate to about
 # 1e-4 in quantile, without sorting a 600-slice volume.
 _PERCENTILE_SAMPLE = 16_000_000
@@ -90,23 +92,6 @@ class ModelSpaceVolume:
     def model_slice(self, input_index: int) -> int:
         """Model slice holding input slice `input_index` along `slice_axis`."""
         return self.num_slices - 1 - input_index if self.slice_flipped else input_index
-
-
-def canonical_axes(direction: tuple[float, ...]) -> tuple[list[int], list[int]]:
-    """For each LPS axis, the input index axis most aligned with it and the sign to make it point along +LPS.
-
-    Assigns the largest |cosines| first so that a near-45-degree oblique axis still yields a permutation.
-    """
-    d = np.asarray(direction, dtype=float).reshape(3, 3)  # d[:, i] is the world direction of index axis i
-    axis_for = [-1, -1, -1]
-    used_index_axes: set[int] = set()
-    for flat in np.argsort(-np.abs(d), axis=None):
-        world, index_axis = divmod(int(flat), 3)
-        if axis_for[world] < 0 and index_axis not in used_index_axes:
-            axis_for[world] = index_axis
-            used_index_axes.add(index_axis)
-    signs = [1 if d[world, axis_for[world]] >= 0 else -1 for world in range(3)]
-    return axis_for, signs
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,12 @@
 """A PNG to check a segmentation by eye: a few axial slices and a coronal view with the organs overlaid,
-and a legend in the organs' Slicer colours.
+and a legend.
+
+The picture has its own palette, not the organs' Slicer colours: Slicer gives both kidneys one colour,
+both adrenal glands one colour, and liver, stomach and aorta near-identical reds, so in a picture without
+Slicer's segment list a reader could not tell them apart. `PREVIEW_COLOURS` is a categorical palette
+whose colours are pairwise far apart in CIELAB (Testing/test_preview.py measures it); each organ is
+filled half-transparent over the CT and outlined in its full colour, and the legend shows that colour.
+The .seg.nrrd keeps Slicer's colours (`organs.py`), which Slicer users know.
 
 Rendered with numpy and Pillow (which scikit-image already installs), so it works in the plain
 install. Views are in the radiological layout (anterior up on axial, superior up on coronal, patient
@@ -22,14 +29,42 @@ from .organs import ORGANS
 PANEL = 256  # each view is fitted into a PANEL x PANEL square, physical aspect kept
 HEADER = 24  # title row above the views
 LEGEND_WIDTH = 190
+LEGEND_ROW = 18  # pixels per legend line
+SWATCH = 12  # legend colour square, pixels
 WINDOW_HU = (-160.0, 240.0)  # abdominal soft-tissue window (W 400, L 40)
-ALPHA = 0.5
+ALPHA = 0.5  # organ fill opacity over the CT; the outline is drawn opaque
 AXIAL_VIEWS = 3
+TEXT = (255, 255, 255)  # titles, legend names and the "R" marker
+
+# FLARE22 id -> RGB. A categorical palette (colours from Kelly's and Okabe-Ito's lists of distinct colours, and
+# ColorBrewer), chosen so that every pair differs by at least CIEDE2000 15 in full colour (what outlines and
+# legend show) and no colour is close to grey (the CT) or to the white text. Where it costs nothing the hue
+# follows convention: aorta red, IVC blue, gallbladder green, spleen purple, pancreas yellow.
+PREVIEW_COLOURS: dict[int, tuple[int, int, int]] = {
+    1: (0xD5, 0x5E, 0x00),  # liver: vermilion
+    2: (0x66, 0xC2, 0xA5),  # right kidney: teal
+    3: (0x60, 0x4E, 0x97),  # spleen: violet
+    4: (0xF6, 0xA6, 0x00),  # pancreas: orange-yellow
+    5: (0xBE, 0x00, 0x32),  # aorta: red
+    6: (0x00, 0x72, 0xB2),  # inferior vena cava: blue
+    7: (0xDC, 0xD3, 0x00),  # right adrenal gland: greenish yellow
+    8: (0xB2, 0xDF, 0x8A),  # left adrenal gland: light green
+    9: (0x33, 0xA0, 0x2C),  # gallbladder: green
+    10: (0xE7, 0x29, 0x8A),  # esophagus: magenta
+    11: (0xE6, 0x8F, 0xAC),  # stomach: pink
+    12: (0xF9, 0x93, 0x79),  # duodenum: salmon
+    13: (0x56, 0xB4, 0xE9),  # left kidney: sky blue
+}
 
 
 def preview_size(num_axial: int = AXIAL_VIEWS) -> tuple[int, int]:
     """(width, height) in pixels of a preview with `num_axial` axial slices."""
     return (num_axial + 1) * PANEL + LEGEND_WIDTH, PANEL + HEADER
+
+
+def legend_swatch(row: int, num_views: int = AXIAL_VIEWS + 1) -> tuple[int, int]:
+    """Top-left pixel of the legend's colour square for its `row`-th organ (organs found, in FLARE22 order)."""
+    return num_views * PANEL + 8, HEADER + 6 + row * LEGEND_ROW
 
 
 def default_slices(labels_lps: np.ndarray, count: int = AXIAL_VIEWS) -> list[int]:
@@ -48,9 +83,18 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def _colours() -> np.ndarray:
     table = np.zeros((256, 3), np.float32)
-    for organ in ORGANS:
-        table[organ.label] = organ.color
+    for label, colour in PREVIEW_COLOURS.items():
+        table[label] = colour
     return table
+
+
+def _outline(label_img: np.ndarray) -> np.ndarray:
+    """Organ pixels with a 4-neighbour of another label (or the panel's edge): each organ's border, inside it."""
+    padded = np.pad(label_img, 1, mode="constant", constant_values=0)
+    centre = padded[1:-1, 1:-1]
+    differs = ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
+               | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
+    return differs & (centre > 0)
 
 
 def _view(ct: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float) -> Image.Image:
@@ -64,7 +108,10 @@ def _view(ct: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float) -> I
     label_img = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(size, Image.NEAREST))
     rgb = np.repeat(grey[..., None], 3, axis=2)
     organ = label_img > 0
-    rgb[organ] = (1 - ALPHA) * rgb[organ] + ALPHA * _colours()[label_img[organ]]
+    colours = _colours()
+    rgb[organ] = (1 - ALPHA) * rgb[organ] + ALPHA * colours[label_img[organ]]
+    edge = _outline(label_img)  # opaque, so touching organs stay apart even where their fills blend with the CT
+    rgb[edge] = colours[label_img[edge]]
     panel = Image.new("RGB", (PANEL, PANEL))
     panel.paste(Image.fromarray(rgb.round().astype(np.uint8)), ((PANEL - size[0]) // 2, (PANEL - size[1]) // 2))
     return panel
@@ -98,17 +145,17 @@ def render_preview(ct: sitk.Image, labels: sitk.Image, slices: Sequence[int] | N
     for n, (name, view) in enumerate(views):
         canvas.paste(view, (n * PANEL, HEADER))
         draw.text((n * PANEL + 6, 4), name, fill=(255, 255, 255), font=font)
-        draw.text((n * PANEL + 4, HEADER + PANEL // 2 - 8), "R", fill=(255, 255, 0), font=font)  # patient right is on the left
+        draw.text((n * PANEL + 4, HEADER + PANEL // 2 - 8), "R", fill=TEXT, font=font)  # patient right is on the left
 
     x0 = len(views) * PANEL + 8
-    draw.text((x0, 4), title or "organs", fill=(255, 255, 255), font=font)
+    draw.text((x0, 4), title or "organs", fill=TEXT, font=font)
     found = [o for o in ORGANS if (lab == o.label).any()]
     for row, organ in enumerate(found):
-        y = HEADER + 4 + row * 18
-        draw.rectangle((x0, y + 2, x0 + 12, y + 14), fill=organ.color)
-        draw.text((x0 + 18, y), organ.display_name, fill=(255, 255, 255), font=font)
+        x, y = legend_swatch(row, len(views))
+        draw.rectangle((x, y, x + SWATCH - 1, y + SWATCH - 1), fill=PREVIEW_COLOURS[organ.label])
+        draw.text((x + SWATCH + 6, y - 2), organ.display_name, fill=TEXT, font=font)
     if not found:
-        draw.text((x0, HEADER + 4), "no organ found", fill=(255, 255, 255), font=font)
+        draw.text((x0, HEADER + 4), "no organ found", fill=TEXT, font=font)
     return canvas
 
 

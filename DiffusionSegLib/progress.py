@@ -14,6 +14,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from .bridge.progress_parser import WARNING_PREFIX
+
 MODES = ("tqdm", "json", "none")
 
 
@@ -58,9 +60,9 @@ class Progress:
     def warning(self, text: str) -> None:
         """Something the user should look at: shown in every mode, `--progress none` included (on stderr)."""
         if self.mode == "json":
-            self._write({"message": f"warning: {text}"})
+            self._write({"message": WARNING_PREFIX + text})
         else:
-            tqdm.write(f"warning: {text}", file=self.stream or sys.stderr)
+            tqdm.write(WARNING_PREFIX + text, file=self.stream or sys.stderr)
 
     def finish(self) -> None:
         if self._bar is not None:

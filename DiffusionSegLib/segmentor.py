@@ -1,11 +1,8 @@
 """The segmentor: a pretrained noise-predicting U-Net whose output layer is replaced by a class head.
 
 The U-Net is fed a fixed diffusion timestep (t=0 by default: the clean image is what we segment, and
-the method found t=0 best). Fine-tuning strategies decide which parts learn:
-
-- ``ft-dec``: the encoder is frozen; decoder and head are trained.
-- ``lp`` (linear probing): only the head is trained.
-- ``fs`` (from scratch): random initialisation, everything trained (the baseline).
+the method found t=0 best). A fine-tuning strategy (``strategies.py``: ft-dec, lp, fs, ...) decides
+which of the three parts learn: encoder, decoder, head.
 
 What counts as the encoder: the time-embedding MLP, the input blocks and the middle block. The time
 MLP feeds every ResBlock of the encoder, so training it would change encoder features; with t fixed it
@@ -14,6 +11,9 @@ connection is merged, i.e. it is the bottleneck of the encoding path, and freezi
 encoder output (skips + bottleneck) a fixed function of the image, which lets fine-tuning skip its
 gradients entirely and cache it. The decoder's ResBlocks keep their own (trainable) projections of the
 fixed time embedding.
+
+The frozen parts always lead the forward pass, so fine-tuning splits it in two: `frozen_features`
+(without autograd, or from a cache) and `trainable_logits`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import strategies
 from .organs import NUM_CLASSES
+from .strategies import DEFAULT_HEAD_LAYERS, PARTS
+from .strategies import STRATEGIES as STRATEGIES  # re-exported: the offered strategies, for callers that hold a segmentor
 from .unet import UNetConfig, UNetModel
-
-STRATEGIES = ("ft-dec", "lp", "fs")
 
 # Hidden width of the head per preset: h128 for U-Net-B, h256 for U-Net-L, smaller for the CPU presets.
 DEFAULT_HEAD_WIDTH = {"b": 128, "l": 256, "small": 64, "tiny": 32}
@@ -37,7 +38,7 @@ class SegmentationHead(nn.Module):
     class the same logit and the same gradient to every upstream unit at the first step.
     """
 
-    def __init__(self, in_channels: int, hidden: int, num_classes: int = NUM_CLASSES, layers: int = 2) -> None:
+    def __init__(self, in_channels: int, hidden: int, num_classes: int = NUM_CLASSES, layers: int = DEFAULT_HEAD_LAYERS) -> None:
         super().__init__()
         groups = 32 if hidden % 32 == 0 else 8 if hidden % 8 == 0 else 1
         blocks: list[nn.Module] = []
@@ -72,7 +73,7 @@ class Segmentor(nn.Module):
         self,
         unet_config: UNetConfig,
         head_width: int,
-        head_layers: int = 2,
+        head_layers: int = DEFAULT_HEAD_LAYERS,
         timestep: int = 0,
         num_classes: int = NUM_CLASSES,
     ) -> None:
@@ -115,21 +116,54 @@ class Segmentor(nn.Module):
                 f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
             )
 
+    def part_modules(self, part: str) -> list[nn.Module]:
+        """The modules of one of `strategies.PARTS`."""
+        return {"encoder": self.encoder_modules, "decoder": self.decoder_modules, "head": lambda: [self.head]}[part]()
+
     def configure_strategy(self, strategy: str) -> None:
-        """Set requires_grad for `strategy` (see the module docstring)."""
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        self.requires_grad_(strategy == "fs")
-        self.head.requires_grad_(True)
-        if strategy == "ft-dec":
-            for module in self.decoder_modules():
+        """Set requires_grad for `strategy` (``strategies.py``): the parts it trains learn, the others not."""
+        self.set_trainable(strategies.get(strategy).trains)
+
+    def set_trainable(self, parts: tuple[str, ...]) -> None:
+        self.requires_grad_(False)
+        for part in parts:
+            for module in self.part_modules(part):
                 module.requires_grad_(True)
 
-    def encoder_frozen(self) -> bool:
-        return not any(p.requires_grad for m in self.encoder_modules() for p in m.parameters())
+    def trainable_parts(self) -> tuple[str, ...]:
+        """The parts with any parameter that learns, in forward order."""
+        return tuple(p for p in PARTS if any(q.requires_grad for m in self.part_modules(p) for q in m.parameters()))
 
-    def decoder_frozen(self) -> bool:
-        return not any(p.requires_grad for m in self.decoder_modules() for p in m.parameters())
+    def frozen_parts(self) -> tuple[str, ...]:
+        """The parts before the first one that learns: the start of the forward pass that needs no autograd."""
+        trainable = self.trainable_parts()
+        return PARTS[: PARTS.index(trainable[0])] if trainable else PARTS
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [m for part in self.frozen_parts() for m in self.part_modules(part)]
+
+    def frozen_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """What the frozen parts make of images `x`, per slice (batch first); run it without autograd.
+
+        Nothing frozen: `x` itself. Encoder frozen: its skip activations and the middle block's output.
+        Encoder and decoder frozen: the decoder features.
+        """
+        frozen = self.frozen_parts()
+        if not frozen:
+            return [x]
+        hs, h, emb = self.encode(x)
+        return [*hs, h] if frozen == ("encoder",) else [self.unet.decode(hs, h, emb)]
+
+    def trainable_logits(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Class logits from `frozen_features` through the parts that learn."""
+        frozen = self.frozen_parts()
+        if not frozen:
+            return self(features[0])
+        if frozen == ("encoder",):
+            with torch.no_grad():  # the time embedding belongs to the frozen encoder
+                emb = self.unet.encode_time(self.timesteps(features[0]))
+            return self.decode(features[:-1], features[-1], emb)
+        return self.head(features[0])
 
     def parameter_groups(self, lr: float, weight_decay: float, head_lr_factor: float, head_weight_decay: float) -> list[dict]:
         """Adam parameter groups: the head learns `head_lr_factor` times faster with its own weight decay."""

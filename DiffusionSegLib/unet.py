@@ -308,12 +308,16 @@ class UNetModel(nn.Module):
             return checkpoint(block, h, emb, use_reentrant=False)
         return block(h, emb)
 
+    def encode_time(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The time embedding every ResBlock receives, one row per timestep."""
+        # The embedding MLP runs in its own weights' dtype (float32 unless the model was cast), as in ADM.
+        return self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(self.time_embed[0].weight.dtype))
+
     def encode(self, x: torch.Tensor, timesteps: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Skip activations of every input block, the middle-block output, and the time embedding."""
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
-        # The embedding MLP runs in its own weights' dtype (float32 unless the model was cast), as in ADM.
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(self.time_embed[0].weight.dtype))
+        emb = self.encode_time(timesteps)
         hs = []
         h = x
         for block in self.input_blocks:

@@ -1,9 +1,10 @@
-"""Painted slices and write-back, the file side: read the CT and Slicer's .seg.nrrd, write what fine-tuning
-learns from and the merged result.
+"""Painted slices and write-back, the image side: the annotated slices of a Slicer segmentation (what fine-tuning
+learns from) and the merged result, as SimpleITK images on the CT grid, and as files.
 
-The array logic (which slices are annotated, merging that keeps painted slices, the labels last written
-back) is `DiffusionSegLib.bridge.annotation`, which Slicer loads before the engine's packages are installed;
-this file needs SimpleITK and slicerio (through imageio) and runs once they are.
+The array logic (which slices are annotated and for which organs, merging that keeps painted slices, the
+labels last written back) is `DiffusionSegLib.bridge.annotation`, which Slicer loads before the engine's
+packages are installed; this file needs SimpleITK and slicerio (through imageio). `DiffusionSegLib.refine`
+runs it in the engine's process, one Fine-tune click as one ``diffusionseg refine`` run.
 """
 
 from __future__ import annotations
@@ -38,6 +39,38 @@ def _labelmap_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return image
 
 
+def annotated_labels(ct: sitk.Image, current: sitk.Image, recorded: Iterable[int] = (), written: np.ndarray | None = None,
+                     source: str | Path = "the annotation") -> tuple[sitk.Image, dict]:
+    """The annotated slices of `current` (the annotation's labels on `ct`'s grid; all other slices cleared) and the
+    annotation summary (slices, the organs they label, slice axis).
+
+    `recorded`: slices annotated in earlier rounds; `written`: the labels last written back (`load_written_labels`),
+    if any. InputError naming `source` when no slice is annotated or a recorded slice lies outside the CT.
+    """
+    labels = _array(current)
+    axis = axial_axis(ct.GetDirection())
+    count = ct.GetSize()[axis]
+    if outside := sorted(i for i in set(recorded) if not 0 <= i < count):
+        raise InputError(f"{source}: recorded annotated slices {', '.join(map(str, outside))} lie outside the CT's {count} axial slices "
+                         f"(0-{count - 1}); the annotation belongs to another CT")
+    slices = annotated_slices(labels, axis, written, recorded)
+    if not slices:
+        raise InputError(f"{source}: no annotated slice; paint at least one organ on one axial slice")
+    return _labelmap_like(keep_only(labels, slices, axis), ct), annotation_summary(labels, slices, axis, written)
+
+
+def merged_labels(ct: sitk.Image, prediction: sitk.Image, painted: sitk.Image, slices: Iterable[int] | None = None) -> sitk.Image:
+    """`prediction` with the annotated `slices` exactly as in `painted` (background included), on `ct`'s grid.
+
+    By default the slices with a label in `painted`; pass the summary's slices to keep a slice the user cleared to
+    background too.
+    """
+    painted_array = _array(painted)
+    axis = axial_axis(ct.GetDirection())
+    slices = painted_slices(painted_array, axis) if slices is None else sorted(set(slices))
+    return _labelmap_like(merge_keeping_painted(_array(prediction), painted_array, slices, axis), ct)
+
+
 def prepare_annotation(
     ct_path: str | Path,
     annotation_path: str | Path,
@@ -51,13 +84,11 @@ def prepare_annotation(
     summary. InputError when no slice is annotated.
     """
     ct = read_ct(ct_path)
-    current = _array(read_labels(annotation_path, ct))
-    axis = axial_axis(ct.GetDirection())
-    slices = annotated_slices(current, axis, load_written_labels(written_path, current.shape), recorded)
-    if not slices:
-        raise InputError(f"{annotation_path}: no annotated slice; paint at least one organ on one axial slice")
-    write_labelmap(_labelmap_like(keep_only(current, slices, axis), ct), output)
-    return annotation_summary(current, slices, axis)
+    current = read_labels(annotation_path, ct)
+    written = load_written_labels(written_path, _array(current).shape)
+    labels, summary = annotated_labels(ct, current, recorded, written, annotation_path)
+    write_labelmap(labels, output)
+    return summary
 
 
 def write_back(
@@ -77,12 +108,11 @@ def write_back(
     output. Returns the summary.
     """
     ct = read_ct(ct_path)
-    prediction = _array(read_labels(prediction_path, ct))
-    painted = _array(read_labels(painted_path, ct))
-    axis = axial_axis(ct.GetDirection())
-    slices = painted_slices(painted, axis) if slices is None else sorted(set(slices))
-    merged = merge_keeping_painted(prediction, painted, slices, axis)
-    write_labelmap(_labelmap_like(merged, ct), output, all_organs=True)
+    painted = read_labels(painted_path, ct)
+    merged = merged_labels(ct, read_labels(prediction_path, ct), painted, slices)
+    write_labelmap(merged, output, all_organs=True)
     if written_output is not None:
-        save_written_labels(merged, written_output)
-    return annotation_summary(painted, slices, axis)
+        save_written_labels(_array(merged), written_output)
+    axis = axial_axis(ct.GetDirection())
+    painted_array = _array(painted)
+    return annotation_summary(painted_array, painted_slices(painted_array, axis) if slices is None else slices, axis)

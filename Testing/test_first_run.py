@@ -16,13 +16,14 @@ import SimpleITK as sitk
 from phantom import make_phantom
 from PIL import Image
 
+from DiffusionSegLib.anatomy_check import anatomy_warnings
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.demo import SAMPLE_CT, demo_outputs
 from DiffusionSegLib.imageio import read_ct, read_labels
-from DiffusionSegLib.models import finetune_destination, is_bare_name, portable_path, resolve_model, user_models_dir
+from DiffusionSegLib.models import finetune_destination, is_bare_name, portable_path, read_card, resolve_model, user_models_dir
 from DiffusionSegLib.organs import ORGANS, organ_by_label
-from DiffusionSegLib.preview import preview_size, render_preview, write_preview
-from DiffusionSegLib.statistics import organ_statistics
+from DiffusionSegLib.preview import PREVIEW_COLOURS, preview_size, render_preview, write_preview
+from DiffusionSegLib.statistics import add_trust, organ_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -116,11 +117,15 @@ def test_statistics_of_known_boxes():
     spacing = (0.5, 2.0, 4.0)  # 4 mm^3 voxels
     stats = organ_statistics(image(hu, spacing), image(labels, spacing, sitk.sitkUInt8))
     liver, spleen = stats["organs"]["liver"], stats["organs"]["spleen"]
-    assert liver == {"label": 1, "present": True, "voxels": 500, "volume_ml": 2.0, "mean_hu": 50.0, "std_hu": 10.0, "slice_range": [2, 6]}
-    assert spleen == {"label": 3, "present": True, "voxels": 1, "volume_ml": 0.004, "mean_hu": 100.0, "std_hu": 0.0, "slice_range": [8, 8]}
+    assert liver == {"label": 1, "present": True, "voxels": 500, "volume_ml": 2.0, "mean_hu": 50.0, "std_hu": 10.0, "slice_range": [2, 6],
+                     "cut_off": False}
+    assert spleen == {"label": 3, "present": True, "voxels": 1, "volume_ml": 0.004, "mean_hu": 100.0, "std_hu": 0.0, "slice_range": [8, 8],
+                      "cut_off": False}
     assert stats["absent"] == [o.name for o in ORGANS if o.label not in (1, 3)]
     assert stats["organs"]["aorta"] == {"label": 5, "present": False, "voxels": 0, "volume_ml": 0.0, "mean_hu": None, "std_hu": None,
-                                        "slice_range": None}
+                                        "slice_range": None, "cut_off": None}
+    labels[0, 3, 3] = 13  # a left kidney voxel on the first slice: the scan may cut it off
+    assert organ_statistics(image(hu, spacing), image(labels, spacing, sitk.sitkUInt8))["organs"]["left kidney"]["cut_off"] is True
 
 
 def test_statistics_of_the_phantom_match_a_hand_computation(small_phantom):
@@ -159,7 +164,7 @@ def test_preview_is_a_png_of_the_expected_size_with_organ_colours(small_phantom,
     axial = pixels[24:, :256]
     assert (np.abs(axial[..., 0] - axial[..., 2]) > 20).any()  # organs blended in colour over the grey CT
     legend = pixels[:, 4 * 256:].reshape(-1, 3)
-    assert any((legend == organ_by_label(1).color).all(axis=1))  # the liver's swatch in its Slicer colour
+    assert any((legend == PREVIEW_COLOURS[1]).all(axis=1))  # the liver's swatch in the preview's palette (test_preview.py)
     assert [p.name for p in path.parent.iterdir()] == ["p.png"]  # written atomically: no temporary left
 
 
@@ -191,7 +196,10 @@ def test_segment_writes_statistics_and_preview_for_any_input(small_phantom, tmp_
     assert code == 0, err
     ct = read_ct(small_phantom["ct_file"])
     stats = json.loads(stats_path.read_text())
-    assert stats == {"image": str(small_phantom["ct_file"]), **organ_statistics(ct, read_labels(seg, ct))}
+    labels = read_labels(seg, ct)
+    card = read_card(resolve_model(None, "segmentor"))
+    expected = {"image": str(small_phantom["ct_file"]), "model": card.name, **organ_statistics(ct, labels)}
+    assert stats == json.loads(json.dumps(add_trust(expected, card.to_dict(), anatomy_warnings(ct, labels))))
     with Image.open(png) as picture:
         assert picture.size == preview_size()
 

@@ -28,7 +28,7 @@ FIGURES = {
 
 
 def test_sources_and_licences_are_named_by_file():
-    assert source_of("/x/shared/data/unlabeled/ircadb-01-ct.nii.gz")[2].startswith("research use")
+    assert source_of("/x/shared/data/unlabeled/ircadb-01-ct.nii.gz")[2].startswith("CC BY-NC-ND 4.0 (non-commercial")
     assert source_of("/x/shared/data/abdomen-ct-c/ct.nii.gz")[2] == "MIT"
     assert source_of("/x/unlabeled/crlm-ct-1004-dicom/1-01.dcm#series=1.2.3")[0] == "crlm-ct-1004-dicom"
     assert source_of("/elsewhere/mine.nii.gz")[2].startswith("unknown")

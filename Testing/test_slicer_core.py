@@ -25,7 +25,7 @@ from DiffusionSegLib.bridge import annotation, scene
 from DiffusionSegLib.bridge.uncertainty import REPORT_VERSION
 from DiffusionSegLib.imageio import read_labels
 from DiffusionSegLib.organs import ORGANS, match_organ, organ_by_label, terminology_string
-from DiffusionSegLib.writeback import prepare_annotation
+from DiffusionSegLib.writeback import prepare_annotation, write_back
 
 slicer = real_slicer()  # skips the whole file where no slicer-core wheel exists
 
@@ -243,8 +243,9 @@ def test_write_back_keeps_painted_slices_the_users_segment_and_file(case):
     assert node.GetSegmentation().GetSegment("Segment_1").GetName() == "Tumour"
     before = app.node_ids()
 
-    # The fine-tune job's file side: the CT, the painted slices and a prediction that differs everywhere. The engine
-    # refuses a painted segment that is no organ, as the status line tells the user, so the slices go without the tumour.
+    # The engine's side of the fine-tune job (refine), from files: the CT, the painted slices and a prediction that differs
+    # everywhere, merged. The engine refuses a painted segment that is no organ, as the status line tells the user, so the
+    # slices go without the tumour.
     ct = ops.export_volume(volume, tmp / "ct.nrrd")
     organs_only = tmp / "organs-only.seg.nrrd"
     seg_nrrd.write_segmentation(keep_array_slices(case["labels"], PAINTED), organs_only)
@@ -259,7 +260,9 @@ def test_write_back_keeps_painted_slices_the_users_segment_and_file(case):
     report = tmp / "uncertainty.json"
     report.write_text(json.dumps({"version": REPORT_VERSION, "slice_axis": 2, "num_slices": truth.shape[0], "slices": []}))
 
-    ops.write_back(volume, node, ct, prediction, painted, summary["slices"], report, tmp / "written-labels")
+    merged, first = tmp / "merged.seg.nrrd", annotation.new_written_path(tmp / "written-labels")
+    write_back(ct, prediction, painted, merged, summary["slices"], first)
+    ops.write_back(volume, node, merged, summary["slices"], report, first)
     segmentation = node.GetSegmentation()
     labels, unmatched = ops.labels_on_volume(node, volume)
     assert np.array_equal(labels[PAINTED], truth[PAINTED])  # painted slices kept voxel for voxel
@@ -274,14 +277,16 @@ def test_write_back_keeps_painted_slices_the_users_segment_and_file(case):
     assert hashlib.sha256(user_file.read_bytes()).hexdigest() == digest  # the user's file is not written
     assert app.node_ids() == before  # no temporary node, display node or colour table left behind
     written = scene.written_path(node)
-    assert written is not None and written.parent == tmp / "written-labels"
+    assert written == first
     assert np.array_equal(annotation.load_written_labels(written, labels.shape), labels)  # what tells corrections from output
     assert json.loads(node.GetAttribute(scene.ANNOTATED_SLICES_ATTRIBUTE)) == PAINTED
     assert ops.annotation_status(node, volume)["slices"] == PAINTED  # the model's output does not count as annotated
 
-    # a second write-back reuses the same written-labels file
-    ops.write_back(volume, node, ct, prediction, painted, summary["slices"], report, tmp / "written-labels")
-    assert scene.written_path(node) == written and len(list((tmp / "written-labels").iterdir())) == 1
+    # the next round's write-back brings a written-labels file of its own, which replaces the previous one
+    second = annotation.new_written_path(tmp / "written-labels")
+    write_back(ct, prediction, painted, merged, summary["slices"], second)
+    ops.write_back(volume, node, merged, summary["slices"], report, second)
+    assert scene.written_path(node) == second and list((tmp / "written-labels").iterdir()) == [second]
     assert node.GetSegmentation().GetNumberOfLayers() == 1 and app.node_ids() == before
 
 

@@ -1,5 +1,6 @@
 """The Slicer module's engine side without Slicer (DiffusionSegLib.bridge and its engine counterparts): the bridge
-imports without torch, SimpleITK or slicerio; command lines, process-tree cancel, progress parsing,
+imports without torch, SimpleITK or slicerio; command lines, process-tree cancel, the job of a click and the device
+probe under one poll, progress parsing,
 dependencies and restarts, painted slices and write-back, written-labels housekeeping, uncertainty ranking,
 model cards without torch, organ volumes, the sample for Sample Data."""
 
@@ -23,9 +24,11 @@ from slicer_helpers import LAUNCHER, random_tiny_segmentor
 from DiffusionSegLib import atomic, models
 from DiffusionSegLib.bridge import commands, dependencies, model_cards, sample, statistics
 from DiffusionSegLib.bridge.annotation import (
+    annotated_organs,
     annotated_slices,
     annotation_summary,
     axial_axis,
+    describe_organ_plan,
     edited_slices,
     keep_only,
     load_written_labels,
@@ -38,6 +41,7 @@ from DiffusionSegLib.bridge.annotation import (
     save_written_labels,
     segment_organ_ids,
 )
+from DiffusionSegLib.bridge.job import BackgroundJobs
 from DiffusionSegLib.bridge.progress_parser import LogLine, Message, ProgressParser, ProgressUpdate, format_duration, parse_line
 from DiffusionSegLib.bridge.runner import BackgroundRun, popen_options, tree_kill_command
 from DiffusionSegLib.bridge.uncertainty import check_report, rank_slices, read_report
@@ -65,6 +69,47 @@ def test_segment_args():
     assert "--model" not in commands.segment_args("ct.nrrd", "o.seg.nrrd")
     with pytest.raises(ValueError, match="device 'gpu'"):
         commands.segment_args("ct.nrrd", "o.seg.nrrd", device="gpu")
+
+
+def test_refine_args():
+    settings = commands.FinetuneSettings(strategy="fs", preset="tiny", iterations=3)
+    args = commands.refine_args("ct.nrrd", "annotation.seg.nrrd", "models/new", "result.seg.nrrd", settings, recorded=[11, 3, 3],
+                                written="old.npz", written_output="new.npz", organs=["liver", "right kidney"], uncertainty="u.json",
+                                name="Mine", device="cpu")
+    assert args[0] == "refine"
+    pairs = dict(zip(args[1::2], args[2::2], strict=True))
+    assert pairs == {"--image": "ct.nrrd", "--annotation": "annotation.seg.nrrd", "-o": "models/new", "--result": "result.seg.nrrd",
+                     "--strategy": "fs", "--device": "cpu", "--progress": "json", "--recorded-slices": "3,11", "--organs": "liver,right kidney",
+                     "--written": "old.npz", "--written-output": "new.npz", "--uncertainty": "u.json", "--preset": "tiny", "--iterations": "3",
+                     "--name": "Mine"}
+    plain = commands.refine_args("ct.nrrd", "a.seg.nrrd", "m", "r.seg.nrrd", commands.FinetuneSettings())
+    assert not {"--recorded-slices", "--organs", "--written", "--written-output", "--uncertainty", "--iterations"} & set(plain)
+    with pytest.raises(ValueError, match="at least one organ"):
+        commands.refine_args("ct.nrrd", "a.seg.nrrd", "m", "r.seg.nrrd", commands.FinetuneSettings(), organs=[])
+
+
+def test_refine_flags_are_the_engines():
+    """Every flag the module passes to refine exists there, and the organ names it passes parse back to the organs."""
+    from DiffusionSegLib.cli import build_parser
+    from DiffusionSegLib.organs import parse_organs
+
+    settings = commands.FinetuneSettings(strategy="ft-dec", iterations=5, time_limit_s=60.0, timestep=3, base="b", seed=2, adapt_s=10.0)
+    args = commands.refine_args("ct.nrrd", "a.seg.nrrd", "m", "r.seg.nrrd", settings, recorded=[1], written="w.npz", written_output="o.npz",
+                                organs=[o.name for o in ORGANS], uncertainty="u.json", name="n", device="cpu")
+    parsed = build_parser().parse_args(args)
+    assert parsed.command == "refine" and parsed.time_limit == 60.0 and parsed.adapt == 10.0 and parsed.timestep == 3
+    assert parse_organs(parsed.organs) == {o.label for o in ORGANS}
+
+
+def test_starting_segmentor_follows_the_engines_rule(tmp_path):
+    """Unpainted organs are kept only when fine-tuning continues a segmentation model (not fs, not the pretrained base)."""
+    folder = random_tiny_segmentor(tmp_path / "mine", name="Mine")
+    assert model_cards.segmentor_name(folder) == "Mine"
+    assert commands.FinetuneSettings(base=str(folder)).starting_segmentor() == "Mine"
+    assert commands.FinetuneSettings(base="flare22-segmentor").starting_segmentor() == "flare22-segmentor"  # a name, as --base takes it
+    assert commands.FinetuneSettings(strategy="fs", base=str(folder)).starting_segmentor() is None
+    assert commands.FinetuneSettings().starting_segmentor() is None  # the pretrained base
+    assert model_cards.segmentor_name(tmp_path / "nothing") is None and model_cards.segmentor_name("ddpm-pretrained") is None
 
 
 def test_finetune_args():
@@ -220,6 +265,32 @@ def test_keep_only_and_merge_keep_painted_slices_exactly(painted):
     assert np.array_equal(merged_i[:, :, 1], painted[:, :, 1]) and (merged_i[:, :, 0] == 7).all()
 
 
+def test_annotated_organs_are_painted_or_erased_on_annotated_slices(painted):
+    # before any write-back: what is painted anywhere (every voxel lies on an annotated slice)
+    assert annotated_organs(painted, [1, 4], 2) == {1, 3}
+    assert annotated_organs(painted, [], 2) == set()
+    # after one: the model's output elsewhere does not count; an organ erased on an annotated slice does
+    written = painted.copy()
+    written[2] = 5  # the model's aorta on slice 2, not annotated
+    written[3, 0, 0] = 9  # its gallbladder on slice 3 ...
+    current = written.copy()
+    current[3, 0, 0] = 0  # ... which the user erases: slice 3 is annotated, and for the gallbladder
+    slices = annotated_slices(current, 2, written, recorded=[1, 4])
+    assert slices == [1, 3, 4]
+    assert annotated_organs(current, slices, 2, written) == {1, 3, 9}
+    assert annotation_summary(current, slices, 2, written)["organs"] == ["liver", "spleen", "gallbladder"]
+
+
+def test_organ_plan_names_what_is_learned_and_what_is_kept():
+    kept = describe_organ_plan(["liver", "spleen"], "flare22-segmentor")
+    assert kept.startswith("Learned from your slices: Liver, Spleen. Kept from the starting model (flare22-segmentor): Right kidney, ")
+    assert kept.endswith("Duodenum, Left kidney.") and kept.count(", ") == 1 + 10
+    lost = describe_organ_plan(["liver"], None)
+    assert "Not learned" in lost and "Spleen" in lost and "start from a segmentation model" in lost
+    assert describe_organ_plan([o.name for o in ORGANS], None) == "Learned from your slices: " + ", ".join(o.display_name for o in ORGANS) + "."
+    assert describe_organ_plan([], "m").startswith("No organ painted yet")
+
+
 def test_segment_names_map_to_organ_labels():
     segments = [("Liver", None), ("my tumour", None), ("Segment_3", terminology_string(ORGANS[2])), ("lt kidney", None)]
     ids = segment_organ_ids(segments)
@@ -309,7 +380,7 @@ def test_bridge_imports_with_only_the_standard_library_and_numpy():
     assert {"commands", "runner", "progress_parser", "dependencies", "annotation", "uncertainty", "model_cards"} <= set(found["modules"])
     assert found["third_party"] == []
     # the stdlib-only atomic writer (and its error class) and label table, nothing heavier
-    assert found["engine"] == ["DiffusionSegLib.atomic", "DiffusionSegLib.errors", "DiffusionSegLib.organs"]
+    assert found["engine"] == ["DiffusionSegLib.atomic", "DiffusionSegLib.errors", "DiffusionSegLib.organ_trust", "DiffusionSegLib.organs"]
     assert "flare22-segmentor" in found["models"]  # listed without torch: Segment is clickable on a fresh install
 
 
@@ -415,6 +486,95 @@ def test_device_probe_reports_what_torch_sees():
     devices = next(f for f in found if f is not None)
     assert devices == {"cuda": torch.cuda.is_available(), "mps": bool(torch.backends.mps.is_available())}
     assert commands.parse_device_probe('{"stage": "x"}') is None and commands.parse_device_probe("oops") is None
+
+
+# --- the job of a click and the device probe, under one poll ---------------------------------------------------
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def _poll_until_idle(jobs: BackgroundJobs, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while jobs.poll():
+        assert time.monotonic() < deadline, "the background work did not end"
+        time.sleep(0.02)
+
+
+def test_job_runs_its_commands_in_turn_and_stops_at_the_first_failure(tmp_path):
+    marker = tmp_path / "third-ran"
+    progress = _python('import json; print(json.dumps({"stage": "train", "step": 1, "total": 1}))')
+    failing = _python('import sys; print("diffusionseg: error: ct.nrrd: no air", file=sys.stderr); sys.exit(2)')
+    third = _python(f"open({str(marker)!r}, 'w').write('ran')")
+    jobs = BackgroundJobs()
+    events, ends = [], []
+    jobs.start_job([progress, failing, third], ends.append, events.append)
+    assert jobs.busy and jobs.active
+    with pytest.raises(RuntimeError, match="already running"):
+        jobs.start_job([progress], ends.append)
+    _poll_until_idle(jobs)
+    assert len(ends) == 1 and not jobs.busy
+    end = ends[0]
+    assert end.returncode == 2 and end.runs == 2 and not end.ok and not end.cancelled
+    assert end.describe() == "stopped on a problem with the input: ct.nrrd: no air"
+    assert [e for e in events if isinstance(e, ProgressUpdate)] == [ProgressUpdate("train", 1, 1)]
+    assert LogLine("diffusionseg: error: ct.nrrd: no air") in events
+    assert not marker.exists()  # nothing after the failure ran
+
+    jobs.start_job([progress, third], ends.append)
+    _poll_until_idle(jobs)
+    assert ends[1].ok and ends[1].runs == 2 and marker.read_text() == "ran"
+    with pytest.raises(ValueError, match="at least one command"):
+        jobs.start_job([], ends.append)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals; Windows ends the tree at once (taskkill /F)")
+def test_cancel_ends_the_job_and_kills_a_run_that_ignores_it(tmp_path):
+    marker = tmp_path / "next-ran"
+    stubborn = _python("""
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    jobs = BackgroundJobs(cancel_grace_s=0.3)
+    events, ends = [], []
+    jobs.start_job([stubborn, _python(f"open({str(marker)!r}, 'w').write('ran')")], ends.append, events.append)
+    deadline = time.monotonic() + 60
+    while LogLine("ready") not in events:
+        assert time.monotonic() < deadline, "the run did not start"
+        jobs.poll()
+        time.sleep(0.02)
+    assert jobs.cancel() and jobs.cancel()  # asking twice changes nothing
+    _poll_until_idle(jobs, 30)  # SIGTERM is ignored: the grace time runs out and the tree is killed
+    assert len(ends) == 1 and ends[0].cancelled and ends[0].runs == 1
+    assert ends[0].describe() == "cancelled; nothing was written"
+    assert not marker.exists() and not jobs.cancel()
+
+
+def test_probe_and_job_share_one_poll_and_a_job_may_start_from_its_end():
+    probe_line = json.dumps({"device_probe": 1, "cuda": False, "mps": True})
+    probe = _python(f"print('a warning first'); print({probe_line!r})")
+    jobs = BackgroundJobs()
+    found = []
+    assert jobs.start_probe(probe, lambda devices, tail: found.append(devices))
+    assert not jobs.start_probe(probe, lambda devices, tail: found.append(devices))  # one probe at a time
+    assert jobs.active and jobs.probing and not jobs.busy  # the probe blocks no button
+    ends = []
+
+    def retry_on_the_cpu(end) -> None:  # what the panel does after "CUDA out of memory"
+        ends.append(end)
+        if end.out_of_memory:
+            jobs.start_job([_python("pass")], retry_on_the_cpu)
+
+    jobs.start_job([_python('import sys; sys.exit("torch.OutOfMemoryError: CUDA out of memory")')], retry_on_the_cpu)
+    _poll_until_idle(jobs)
+    assert found == [{"cuda": False, "mps": True}]
+    assert [(e.returncode, e.out_of_memory) for e in ends] == [(1, True), (0, False)]
+    assert jobs.start_probe(_python("print('no torch here')"), lambda devices, tail: found.append(devices))
+    _poll_until_idle(jobs)
+    assert found[-1] is None and not jobs.active
 
 
 # --- dependencies: restart after upgrading what is already imported ---------------------------------------------

@@ -231,8 +231,8 @@ def test_module_cmake_builds_and_tests_the_scripted_module():
 
 # --- what the module imports, and where ------------------------------------------------------------------------
 
-# Methods that run only after ensureDependencies (or in the self-test inside Slicer): they may import the engine.
-ENGINE_IMPORTS_ALLOWED_IN = {"finetune", "writeBack", "test_DiffusionSegWorkflow"}
+# Methods that run only in the self-test inside Slicer may import the engine; every job runs it in a child process.
+ENGINE_IMPORTS_ALLOWED_IN = {"test_DiffusionSegWorkflow"}
 LIGHT_MODULES = ("DiffusionSegLib.bridge", "DiffusionSegLib.organs")  # standard library and numpy only
 
 
@@ -317,7 +317,7 @@ def make_widget(module: types.ModuleType):
     widget.state = module.State.IDLE
     widget.logic = module.DiffusionSegLogic()
     widget._statusTimer = types.SimpleNamespace(start=lambda: None)
-    widget._observedSegmentation, widget._annotationEvents = None, ()
+    widget._observedSegmentation, widget._annotationEvents, widget._annotationStatus = None, (), None
     widget._parameterNode = types.SimpleNamespace(inputVolume=object(), annotationSegmentation=None, outputSegmentation=None, model="",
                                                   device=module.Device.AUTO)
     return widget
@@ -437,3 +437,95 @@ def test_organ_volumes_come_from_segment_statistics(monkeypatch):
     assert parameters["Segmentation"] == segmentationNode.GetID() and parameters["ScalarVolume"] == volume.GetID()
     assert parameters["visibleSegmentsOnly"] == "False" and parameters["ClosedSurfaceSegmentStatisticsPlugin.enabled"] == "False"
     assert parameters["LabelmapSegmentStatisticsPlugin.enabled"] == parameters["ScalarVolumeSegmentStatisticsPlugin.enabled"] == "True"
+
+
+# --- one Fine-tune click, one engine job ----------------------------------------------------------------------
+
+
+def test_the_logic_polls_its_job_and_the_probe_with_one_timer():
+    logic = ast.unparse(next(c for c in module_tree().body if isinstance(c, ast.ClassDef) and c.name == "DiffusionSegLogic"))
+    assert logic.count("qt.QTimer(") == 1 and logic.count(".poll(") == 1
+    assert "BackgroundRun" not in MODULE.read_text(encoding="utf-8")  # runs are started by the bridge's job object only
+
+
+def test_status_says_which_organs_are_learned_and_which_kept(monkeypatch):
+    module = load_module(monkeypatch)
+    widget = make_widget(module)
+    p = widget._parameterNode
+    p.annotationSegmentation = types.SimpleNamespace(GetAttribute=lambda name: None)
+    p.strategy, p.finetuneFrom, p.iterations, p.timeLimitMinutes, p.timestep, p.adaptSeconds = (
+        module.Strategy.FT_DEC, module.FinetuneFrom.SELECTED, 160, 0.0, 0, 0)
+    widget.refreshModels()  # selects the bundled segmentation model
+    widget.logic.annotationStatus = lambda node, volume: {"slices": [2, 5], "organs": ["liver", "spleen"], "slice_axis": 2, "unmatched": []}
+    widget.updateAnnotationStatus()
+    lines = widget.ui.annotationStatusLabel.text.splitlines()
+    assert lines[0] == "2 annotated axial slices (3, 6)"
+    assert lines[1].startswith("Learned from your slices: Liver, Spleen. Kept from the starting model (flare22-segmentor): Right kidney, ")
+    assert lines[2] == widget.annotationHint()
+
+    p.finetuneFrom = module.FinetuneFrom.BASE  # a settings change reaches updateButtons through the parameter node
+    widget.updateButtons()
+    assert "Not learned" in widget.ui.annotationStatusLabel.text and "Kept from" not in widget.ui.annotationStatusLabel.text
+
+    def broken(node, volume):
+        raise RuntimeError("export failed")
+
+    widget.logic.annotationStatus = broken
+    widget.updateAnnotationStatus()
+    widget.updateButtons()  # the error stays: no stale count comes back
+    assert widget.ui.annotationStatusLabel.text == "Cannot count annotated slices: export failed"
+
+
+def test_finetune_is_one_refine_job_for_the_painted_organs(monkeypatch, tmp_path):
+    """Fine-tune exports the CT and the annotation and starts one `refine` run, labelled for the painted organs only; a failed
+    run changes nothing in the scene and leaves no file behind."""
+    import numpy as np
+
+    from DiffusionSegLib.bridge import model_cards, scene
+    from DiffusionSegLib.bridge.job import JobEnd
+
+    module = load_module(monkeypatch, temporary=tmp_path)
+    slicer = sys.modules["slicer"]
+    ct, labels = module.DiffusionSegTest.syntheticCT()
+    volume = slicer.util.addVolumeFromArray(ct, ijkToRAS=np.diag([-6.0, -6.0, 12.0, 1.0]), name="CT")
+    logic = module.DiffusionSegLogic()
+    logs, results, started = [], [], []
+    logic.logCallback = logs.append
+    node = logic.prepareAnnotation(volume)  # 13 organ segments, 12 of them left empty
+    liver = node.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+    mask = np.zeros_like(labels)
+    mask[[3, 7]] = labels[[3, 7]] == 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, node, liver, volume)
+    monkeypatch.setattr(logic.jobs, "start_job", lambda lines, on_done, on_event=None, env=None: started.append((lines, on_done)))
+    base = model_cards.BUNDLED_DIR / "flare22-segmentor"
+
+    logic.finetune(volume, node, module.commands.FinetuneSettings(base=str(base)), "mine", "cpu", lambda *r: results.append(r))
+    (lines, on_done), = started
+    assert len(lines) == 1, "one engine run per click"
+    args = lines[0][lines[0].index("DiffusionSegLib") + 1:]
+    assert args[0] == "refine"
+    flags = dict(zip(args[1::2], args[2::2], strict=True))
+    assert flags["--organs"] == "liver"  # the painted organ, not the 13 segments
+    assert flags["--base"] == str(base) and "--recorded-slices" not in flags and "--written" not in flags
+    assert Path(flags["--image"]).is_file() and Path(flags["--annotation"]).is_file()  # exported for the engine
+    written = Path(flags["--written-output"])
+    assert written.parent == logic.writtenLabelsFolder() and not written.exists()
+    plan = f"Learned from your slices: Liver. Kept from the starting model ({model_cards.segmentor_name(base)}): Right kidney, "
+    assert any(line.startswith("Fine-tuning on 2 annotated slices. " + plan) for line in logs)
+
+    before = slicer.util.arrayFromSegmentBinaryLabelmap(node, liver, volume).copy()
+    written.parent.mkdir(parents=True, exist_ok=True)
+    written.write_bytes(b"left by the engine")  # whatever the failed run may have left there goes
+    on_done(JobEnd(2, "diffusionseg: error: annotation.seg.nrrd: bad", 3.0, 1))
+    assert results == [(False, "Fine-tuning stopped on a problem with the input: annotation.seg.nrrd: bad", False)]
+    assert not Path(flags["--annotation"]).parent.exists() and not written.exists()
+    assert scene.written_path(node) is None and node.GetAttribute(scene.ANNOTATED_SLICES_ATTRIBUTE) is None
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(node, liver, volume), before)
+
+    tumour = node.GetSegmentation().AddEmptySegment("tumour", "my tumour")  # painted, but no organ: refused before any export
+    box = np.zeros_like(labels)
+    box[3, :4, :4] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(box, node, tumour, volume)
+    with pytest.raises(ValueError, match="my tumour"):
+        logic.finetune(volume, node, module.commands.FinetuneSettings(), None, "cpu", lambda *r: results.append(r))
+    assert len(started) == 1

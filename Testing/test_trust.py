@@ -114,3 +114,21 @@ def test_segment_of_a_chest_ct_warns_about_the_liver(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "looks like a chest CT" in err and "probably the heart" in err
     assert json.loads(stats.read_text())["warnings"]
+
+
+def test_the_slicer_panel_shows_held_out_dsc_checks_and_warnings():
+    import io
+
+    from DiffusionSegLib.bridge.progress_parser import Message, ProgressParser
+    from DiffusionSegLib.bridge.statistics import OrganVolume, describe_volumes
+    from DiffusionSegLib.progress import Progress
+
+    stream = io.StringIO()
+    Progress("json", stream).warning("liver: 109 mL of it lie left of the midline")
+    events = [e for e in ProgressParser().feed(stream.getvalue()) if isinstance(e, Message)]
+    assert [e.warning for e in events] == ["liver: 109 mL of it lie left of the midline"]
+    rows = [OrganVolume("Liver", 1500.0, 60.0, 15.0), OrganVolume("Pancreas", 70.0, 80.0, 20.0), OrganVolume("Aorta", 90.0, 150.0, 30.0)]
+    text = describe_volumes(rows, ["Gallbladder"], CARD, [events[0].warning]).splitlines()
+    assert text[0].endswith("held-out DSC 0.93") and text[1].endswith("held-out DSC 0.31: check")
+    assert text[2].endswith("not measured: check") and text[-1] == "Warning: liver: 109 mL of it lie left of the midline"
+    assert describe_volumes(rows, [], None) .splitlines()[0] == "Liver: 1500.0 mL, 60 ± 15 HU"  # no card: as before

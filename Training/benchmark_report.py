@@ -12,16 +12,13 @@ from PIL import Image, ImageDraw
 from DiffusionSegLib.atomic import atomic_path, write_text
 from DiffusionSegLib.organs import ORGANS
 from DiffusionSegLib.preprocessing import PreprocessingSpec, labels_to_model_space, to_model_space
+from DiffusionSegLib.strategies import ALL_STRATEGIES
+from DiffusionSegLib.strategies import TABLE as STRATEGY_TABLE
 
-from .label_efficiency import STRATEGY_ORDER, LabelledCT, Run, is_curated, prediction_path
+from .label_efficiency import LabelledCT, Run, is_curated, prediction_path
 
-NAMES = {"ft-dec": "FT-dec", "lp": "LP (linear)", "lp-mlp": "LP-MLP (2-layer head)", "fs": "FS (from scratch)"}
-DESCRIPTIONS = {
-    "ft-dec": "encoder frozen, decoder and 2-layer head trained",
-    "lp": "the method's linear probe: one 1x1 conv on the frozen decoder features, biases started at the training labels' log class frequencies",
-    "lp-mlp": "the 2-layer conv head on the frozen decoder features",
-    "fs": "the same architecture, head and preprocessing from random initialisation, everything trained",
-}
+NAMES = {s.name: s.title for s in STRATEGY_TABLE}
+DESCRIPTIONS = {s.name: s.description for s in STRATEGY_TABLE}
 _COLOURS = np.zeros((256, 3), dtype=np.float32)
 for _organ in ORGANS:
     _COLOURS[_organ.label] = _organ.color
@@ -51,7 +48,7 @@ def _cell(mean: float | None, std: float | None) -> str:
 
 def _row_keys(rows: list[dict]) -> list[tuple[str, int]]:
     keys = {(r["strategy"], r["timestep"]) for r in rows}
-    return sorted(keys, key=lambda k: (STRATEGY_ORDER.index(k[0]) if k[0] in STRATEGY_ORDER else 9, k[1]))
+    return sorted(keys, key=lambda k: (ALL_STRATEGIES.index(k[0]) if k[0] in ALL_STRATEGIES else 9, k[1]))
 
 
 def score_table(rows: list[dict], config: dict) -> list[str]:

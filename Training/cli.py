@@ -19,10 +19,12 @@ from DiffusionSegLib import __version__
 from DiffusionSegLib.atomic import atomic_path, write_text
 from DiffusionSegLib.devices import configure_cpu, resolve_device
 from DiffusionSegLib.diffusion import SCHEDULES, GaussianDiffusion
-from DiffusionSegLib.errors import InputError
+from DiffusionSegLib.errors import EXIT_CANCELLED, EXIT_INPUT_ERROR, InputError
 from DiffusionSegLib.imageio import read_ct, read_labels
 from DiffusionSegLib.models import load_unet, portable_path, resolve_model
 from DiffusionSegLib.preprocessing import PreprocessingSpec
+from DiffusionSegLib.strategies import ALL_STRATEGIES
+from DiffusionSegLib.strategies import TABLE as STRATEGY_TABLE
 from DiffusionSegLib.unet import PRESETS
 
 from .benchmark_report import write_overlays, write_report
@@ -42,7 +44,6 @@ from .label_efficiency import (
     DEFAULT_BUDGETS,
     DEFAULT_STRATEGIES,
     PROTOCOLS,
-    STRATEGY_ORDER,
     BenchmarkConfig,
     IterationRule,
     LabelledCT,
@@ -186,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS),
                    help="label budgets from the training pool: N slices (organ cover), P%% (random per seed, at least 1 slice), all "
                         "(default: 4 1%% 10%% 100%%)")
-    b.add_argument("--strategies", nargs="+", choices=STRATEGY_ORDER, default=list(DEFAULT_STRATEGIES),
-                   help="ft-dec, lp (linear classifier), lp-mlp (2-layer head on frozen features), fs (default: ft-dec lp fs)")
+    b.add_argument("--strategies", nargs="+", choices=ALL_STRATEGIES, default=list(DEFAULT_STRATEGIES),
+                   help=f"{', '.join(f'{s.name} ({s.title})' for s in STRATEGY_TABLE)} (default: {' '.join(DEFAULT_STRATEGIES)})")
     b.add_argument("--timesteps", nargs="+", default=[], metavar="STRATEGY=T,T",
                    help="diffusion timesteps per strategy, e.g. ft-dec=0,100 lp=0,100,200; bare numbers are FT-dec's (default: every strategy at t=0)")
     b.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="every run is repeated per seed (default: 0 1 2)")
@@ -427,11 +428,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except InputError as e:
         print(f"diffusionseg-train: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print(f"diffusionseg-train: {args.command} stopped after {time.monotonic() - started:.0f} s; outputs written before stay complete, "
               "no partial file was left", file=sys.stderr)
-        return 130
+        return EXIT_CANCELLED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

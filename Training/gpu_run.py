@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from DiffusionSegLib.atomic import write_text
+from DiffusionSegLib.errors import EXIT_INPUT_ERROR
 
 STAGES = ("nvidia-smi", "prepare", "pretrain", "export", "throughput", "finetune", "figures")
 CT_FILE, LABELS_FILE = "ct.nii.gz", "labels.nii.gz"
@@ -574,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data, out = Path(args.data).expanduser().resolve(), Path(args.out).expanduser().resolve()
     if not data.is_dir():
         print(f"gpu_run: {data} is not a folder", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     planned = sum(settings.budgets[s] for s in (args.stages or STAGES) if s in settings.budgets)
     if planned > settings.total:
         print(f"gpu_run: note: the budgets add up to {planned:g} s, more than --total {settings.total:g} s; the last stages get what is left",

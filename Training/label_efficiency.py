@@ -43,6 +43,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from DiffusionSegLib import strategies
 from DiffusionSegLib.annotations import annotated_input_slices, organs_in
 from DiffusionSegLib.atomic import atomic_path, write_text
 from DiffusionSegLib.errors import InputError
@@ -51,19 +52,13 @@ from DiffusionSegLib.inference import segment_ct
 from DiffusionSegLib.metrics import organ_overlap
 from DiffusionSegLib.models import WEIGHTS_FILE, ModelCard, load_unet, portable_path
 from DiffusionSegLib.preprocessing import ModelSpaceVolume, PreprocessingSpec, labels_to_model_space, to_model_space
-from DiffusionSegLib.segmentor import DEFAULT_HEAD_WIDTH, Segmentor
+from DiffusionSegLib.recipe import new_segmentor
+from DiffusionSegLib.segmentor import Segmentor
+from DiffusionSegLib.strategies import ALL_STRATEGIES, STRATEGIES
 
-STRATEGY_ORDER = ("ft-dec", "lp", "lp-mlp", "fs")
-DEFAULT_STRATEGIES = ("ft-dec", "lp", "fs")
-# Hidden conv layers of each strategy's head: 0 is a linear classifier (a single 1x1 conv).
-HEAD_LAYERS = {"ft-dec": 2, "lp": 0, "lp-mlp": 2, "fs": 2}
+DEFAULT_STRATEGIES = STRATEGIES  # the offered ones; lp-mlp on request
 PROTOCOLS = ("cross", "within")
 DEFAULT_BUDGETS = ("4", "1%", "10%", "100%")
-
-
-def finetune_strategy(strategy: str) -> str:
-    """The fine-tuning loop's strategy (what is frozen) for a benchmark strategy."""
-    return "lp" if strategy == "lp-mlp" else strategy
 
 
 # --- budgets -----------------------------------------------------------------------------------------
@@ -227,22 +222,23 @@ class BenchmarkConfig:
     def all_seeds(self) -> list[int]:
         return list(dict.fromkeys(s for b in self.budgets for s in self.seeds_of(b)))
 
-    def finetune_config(self, strategy: str, iterations: int, seed: int) -> FinetuneConfig:
-        settings = FinetuneConfig(strategy=finetune_strategy(strategy), iterations=iterations, batch_size=self.batch_size, lr=self.lr, seed=seed,
+    def finetune_config(self, name: str, iterations: int, seed: int) -> FinetuneConfig:
+        row = strategies.get(name)
+        settings = FinetuneConfig(strategy=row.finetune_as, iterations=iterations, batch_size=self.batch_size, lr=self.lr, seed=seed,
                                   patience=0, cache_copies=0,  # no plateau stop; no fixed pool of augmented copies
-                                  prior_bias=HEAD_LAYERS[strategy] == 0)  # a linear head cannot learn the background prior in time
+                                  prior_bias=row.head_layers == 0)  # a linear head cannot learn the background prior in time
         settings.augment.enabled = self.augment
         return settings
 
 
 def parse_timesteps(tokens: list[str]) -> dict[str, list[int]]:
-    """`ft-dec=0,100 lp=0,100,200`: timesteps per strategy; bare numbers are FT-dec's (the earlier form)."""
+    """`ft-dec=0,100 lp=0,100,200`: timesteps per strategy; bare numbers are FT-dec's."""
     chosen: dict[str, list[int]] = {}
     for token in tokens:
         name, _, values = token.rpartition("=")
         name = name or "ft-dec"
-        if name not in STRATEGY_ORDER:
-            raise InputError(f"--timesteps {token}: unknown strategy {name!r}; use STRATEGY=T,T... with one of {', '.join(STRATEGY_ORDER)}")
+        if name not in ALL_STRATEGIES:
+            raise InputError(f"--timesteps {token}: unknown strategy {name!r}; use STRATEGY=T,T... with one of {', '.join(ALL_STRATEGIES)}")
         try:
             steps = [int(v) for v in values.split(",") if v.strip()]
         except ValueError:
@@ -414,12 +410,9 @@ def budget_table(config: BenchmarkConfig, tasks: list[Task]) -> dict:
 
 def build_segmentor(run: Run, pretrained: Pretrained) -> Segmentor:
     """The run's network: pretrained backbone (random for FS) and the strategy's head, seeded by the run."""
-    card = pretrained.card
     torch.manual_seed(run.seed)
-    segmentor = Segmentor(card.unet, DEFAULT_HEAD_WIDTH.get(card.preset or "", 64), head_layers=HEAD_LAYERS[run.strategy], timestep=run.timestep)
-    if run.strategy != "fs":
-        segmentor.load_pretrained(pretrained.unet_state)
-    return segmentor
+    return new_segmentor(pretrained.card, run.strategy, head_layers=strategies.get(run.strategy).head_layers, timestep=run.timestep,
+                         unet_state=pretrained.unet_state)
 
 
 def evaluate(prediction: np.ndarray, reference: np.ndarray, test: list[int], slice_axis: int) -> dict:
@@ -460,7 +453,7 @@ def run_settings(config: BenchmarkConfig, run: Run, task: Task, train_slices: li
     return {
         "pretrained_sha256": pretrained.weights_sha256,
         "finetune": settings.to_dict(),
-        "head_layers": HEAD_LAYERS[run.strategy],
+        "head_layers": strategies.get(run.strategy).head_layers,
         "train_slices": train_slices,
         "tests": {ct.name: slices for ct, slices in task.tests},
     }

@@ -1,6 +1,6 @@
 """Complete the bundled models' cards: data sources with licences, and held-out metrics.
 
-    python -m Training.model_cards --pretrained DIR --segmentor DIR --figures FIGURES.json [FIGURES.json ...] [--cleanup]
+    python -m Training.model_cards [--pretrained DIR] [--segmentor DIR] [--figures FIGURES.json ...] [--cleanup]
 
 The training commands already record what they can see (iterations, seconds, hardware, settings,
 input files). What they cannot know is where the data came from and under which terms, and how the
@@ -78,7 +78,7 @@ def held_out_metrics(figures: dict, which: str = "") -> dict:
     """
     out: dict = {}
     for key, record in figures.items():
-        if which not in key:
+        if which not in key or "-from-" in key:  # "-from-": refined from another model, not this one's figure
             continue
         trained_on = record.get("trained_on")
         for ct, scores in record.items():
@@ -201,21 +201,25 @@ def complete_segmentor(folder: Path, figures: dict, cleanup: bool, built_from: P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrained", required=True, help="pretrained model folder")
-    parser.add_argument("--segmentor", required=True, help="segmentation model folder")
-    parser.add_argument("--figures", nargs="+", required=True, help="figures.json files from Training.model_figures")
+    parser.add_argument("--pretrained", type=Path, help="pretrained model folder to complete (default: none)")
+    parser.add_argument("--segmentor", type=Path, help="segmentation model folder to complete (default: none)")
+    parser.add_argument("--figures", nargs="+", default=[], help="figures.json files from Training.model_figures (default: none)")
     parser.add_argument("--grown-from", type=Path, help="model.json of the model that started the pretraining run (--init), if any")
     parser.add_argument("--segmentor-built-from", type=Path,
                         help="the pretrained model folder the segmentor was fine-tuned from, when --pretrained has trained on since "
                              "(default: none, the segmentor was built from --pretrained)")
     parser.add_argument("--cleanup", action="store_true", help="make per-organ cleanup the segmentor's default (default: off)")
     args = parser.parse_args(argv)
+    if args.pretrained is None and args.segmentor is None:
+        parser.error("give --pretrained, --segmentor or both")
     figures: dict = {}
     for path in args.figures:
         figures.update(json.loads(Path(path).read_text()))
-    complete_pretrained(Path(args.pretrained), args.grown_from, figures)
-    complete_segmentor(Path(args.segmentor), figures, args.cleanup, args.segmentor_built_from, Path(args.pretrained))
-    print(f"completed {args.pretrained} and {args.segmentor}")
+    if args.pretrained is not None:
+        complete_pretrained(args.pretrained, args.grown_from, figures)
+    if args.segmentor is not None:
+        complete_segmentor(args.segmentor, figures, args.cleanup, args.segmentor_built_from, args.pretrained)
+    print(f"completed {', '.join(str(f) for f in (args.pretrained, args.segmentor) if f is not None)}")
     return 0
 
 

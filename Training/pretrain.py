@@ -279,136 +279,182 @@ def _train(data: Path, run_dir: Path, config: PretrainConfig, resume: bool, show
            fit_batch_size: bool = False, stop_at: int | None = None, time_limit: float | None = None) -> dict:
     dataset = _check_data(data, config)
     latest, saved_config = _check_resume(run_dir, config, resume)
-    if saved_config:
-        # A resumed run's weights come from its checkpoint: a different --init now changes nothing and
-        # must not be recorded as the run's origin.
-        started_from = saved_config.get("init", "")
-        if config.init and config.init != started_from and env.main:
-            print(f"pretrain: resuming; --init {config.init} is ignored (the run started from {started_from or 'random weights'})", file=sys.stderr)
-        config = replace(config, init=started_from)
-    device = _device(env)
-    torch.manual_seed(config.seed + env.rank)
-    unet_config = preset_config(config.preset, dataset.index.spec.size)
-    model = UNetModel(unet_config).to(device)
-    model.use_checkpoint = config.grad_checkpoint
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if latest is None and config.init:
-        _initialise_from(model, config.init, unet_config)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    fused = config.fused_adam and device.type == "cuda"
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused or None)
-    diffusion = GaussianDiffusion(config.schedule, config.num_timesteps)
-    bf16 = config.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    workers = default_workers() if config.workers is None else config.workers
-    batch_size = _guard_memory(model, diffusion, config, unet_config.image_size, device, env, fit_batch_size, run_dir, bf16, workers)
-    # What actually runs, recorded as such in config.json and the checkpoints.
-    config = replace(config, batch_size=batch_size, bf16=bf16, fused_adam=fused, workers=workers)
-    step, history = 0, {"seconds": 0.0}
+    config = _resumed_config(config, saved_config, env)
+    run = _Run(data, run_dir, dataset, config, env, _device(env), fit_batch_size, resuming=latest is not None)
     if latest is not None:
-        saved = load_latest_checkpoint(run_dir / "checkpoints", warn=lambda text: print(text, file=sys.stderr) if env.main else None)
+        run.restore()
+    return run.train(show_progress, stop_at, time_limit)
+
+
+def _resumed_config(config: PretrainConfig, saved_config: dict, env: Distributed) -> PretrainConfig:
+    """A resumed run's weights come from its checkpoint: a different --init now changes nothing and must not be recorded as its origin."""
+    if not saved_config:
+        return config
+    started_from = saved_config.get("init", "")
+    if config.init and config.init != started_from and env.main:
+        print(f"pretrain: resuming; --init {config.init} is ignored (the run started from {started_from or 'random weights'})", file=sys.stderr)
+    return replace(config, init=started_from)
+
+
+class _Run:
+    """One pretraining run: the network, its EMA and optimiser, where the run stands, and the loop that moves it on."""
+
+    def __init__(self, data: Path, run_dir: Path, dataset: SliceDataset, config: PretrainConfig, env: Distributed, device: torch.device,
+                 fit_batch_size: bool, resuming: bool) -> None:
+        self.data, self.run_dir, self.dataset, self.env, self.device = data, run_dir, dataset, env, device
+        torch.manual_seed(config.seed + env.rank)
+        self.unet_config = preset_config(config.preset, dataset.index.spec.size)
+        model = UNetModel(self.unet_config).to(device)
+        model.use_checkpoint = config.grad_checkpoint
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if config.init and not resuming:
+            _initialise_from(model, config.init, self.unet_config)
+        self.model = model
+        self.ema = copy.deepcopy(model).requires_grad_(False).eval()
+        fused = config.fused_adam and device.type == "cuda"
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused or None)
+        self._ema_params, self._params = list(self.ema.parameters()), list(model.parameters())
+        self.diffusion = GaussianDiffusion(config.schedule, config.num_timesteps)
+        bf16 = config.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        workers = default_workers() if config.workers is None else config.workers
+        batch_size = _guard_memory(model, self.diffusion, config, self.unet_config.image_size, device, env, fit_batch_size, run_dir, bf16, workers)
+        # What actually runs, recorded as such in config.json and the checkpoints.
+        self.config = replace(config, batch_size=batch_size, bf16=bf16, fused_adam=fused, workers=workers)
+        self.step, self.history = 0, {"seconds": 0.0}
+        self.last_loss = math.nan
+        self._window = (time.monotonic(), 0)  # start and images of the current throughput window
+
+    def restore(self) -> None:
+        """Continue from the newest checkpoint that reads back whole."""
+        warn = (lambda text: print(text, file=sys.stderr)) if self.env.main else (lambda text: None)
+        saved = load_latest_checkpoint(self.run_dir / "checkpoints", warn=warn)
         if saved is None:
-            raise InputError(f"{run_dir / 'checkpoints'}: no checkpoint reads back whole (each is damaged); start a new run with another --out")
-        model.load_state_dict(saved.model)
-        ema.load_state_dict(saved.ema)
-        optimizer.load_state_dict(saved.optimizer)
-        step, history = saved.step, saved.state.get("history", history)
-        torch.manual_seed(config.seed + env.rank + step)  # fresh noise after resuming, different per rank
+            raise InputError(f"{self.run_dir / 'checkpoints'}: no checkpoint reads back whole (each is damaged); start a new run with another --out")
+        self.model.load_state_dict(saved.model)
+        self.ema.load_state_dict(saved.ema)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.step, self.history = saved.step, saved.state.get("history", self.history)
+        self.last_loss = float(saved.state.get("final_loss") or math.nan)  # a run with nothing left to do still reports the loss it ended with
+        torch.manual_seed(self.config.seed + self.env.rank + self.step)  # fresh noise after resuming, different per rank
 
-    wrapped = DistributedDataParallel(model) if env.world_size > 1 else model
-    forward = torch.compile(wrapped) if config.compile else wrapped
-    sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=config.seed, drop_last=True)
-    loader = DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0, worker_init_fn=_ignore_stop_signals,
-    )
-    if len(loader) == 0:
-        raise InputError(f"{data}: {len(dataset)} slices are fewer than one batch of {config.batch_size} x {env.world_size} processes; lower --batch-size")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
-    ema_params, params = list(ema.parameters()), list(model.parameters())
+    def _loader(self) -> tuple[DistributedSampler, DataLoader]:
+        config, env = self.config, self.env
+        sampler = DistributedSampler(self.dataset, env.world_size, env.rank, shuffle=True, seed=config.seed, drop_last=True)
+        loader = DataLoader(
+            self.dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=True,
+            pin_memory=self.device.type == "cuda", persistent_workers=config.workers > 0, worker_init_fn=_ignore_stop_signals,
+        )
+        if len(loader) == 0:
+            raise InputError(f"{self.data}: {len(self.dataset)} slices are fewer than one batch of {config.batch_size} x {env.world_size} processes; "
+                             "lower --batch-size")
+        return sampler, loader
 
-    if env.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_dir, step) if env.main else None
-    if env.main:
-        write_text(run_dir / "config.json", json.dumps({"config": asdict(config), "data": str(data.resolve()), "unet": unet_config.to_dict(),
-                                                        "parameters": count_parameters(model), "world_size": env.world_size}, indent=1) + "\n")
-    bar = tqdm(total=config.iterations, initial=step, desc="pretrain", disable=not (show_progress and env.main), dynamic_ncols=True)
-    epoch = step // len(loader)
-    skip = step % len(loader)  # resume mid-epoch on the same data order
-    # A resumed run that has nothing left to do still reports the loss it ended with.
-    last_loss = float(saved.state.get("final_loss") or math.nan) if latest is not None else math.nan
-    window_start, window_images = time.monotonic(), 0
-    stopped_by = "iterations"
+    def _start_log(self) -> MetricsLog | None:
+        """metrics.jsonl (continued from the current step) and config.json, on rank 0."""
+        if not self.env.main:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(self.run_dir, self.step)
+        record = {"config": asdict(self.config), "data": str(self.data.resolve()), "unet": self.unet_config.to_dict(),
+                  "parameters": count_parameters(self.model), "world_size": self.env.world_size}
+        write_text(self.run_dir / "config.json", json.dumps(record, indent=1) + "\n")
+        return log
 
-    def checkpoint() -> None:
-        if env.main:
-            state = {"config": asdict(config), "unet": unet_config.to_dict(), "schedule": diffusion.to_dict(), "data": str(data.resolve()),
-                     "preprocessing": dataset.index.spec.to_dict(), "history": history, "final_loss": last_loss,
-                     "hardware": describe_hardware(device, env.world_size)}
-            save_checkpoint(run_dir / "checkpoints", Checkpoint(step, model.state_dict(), ema.state_dict(), optimizer.state_dict(), state),
-                            config.keep_checkpoints)
-        if env.world_size > 1:
+    def train(self, show_progress: bool, stop_at: int | None, time_limit: float | None) -> dict:
+        """Steps until the iterations (or `stop_at`) are done, the time is up or a stop signal came; a checkpoint at the end."""
+        config, env = self.config, self.env
+        wrapped = DistributedDataParallel(self.model) if env.world_size > 1 else self.model
+        forward = torch.compile(wrapped) if config.compile else wrapped
+        sampler, loader = self._loader()
+        log = self._start_log()
+        bar = tqdm(total=config.iterations, initial=self.step, desc="pretrain", disable=not (show_progress and env.main), dynamic_ncols=True)
+        epoch, skip = divmod(self.step, len(loader))  # resume mid-epoch on the same data order
+        self._window = (time.monotonic(), 0)
+        stopped_by = "iterations"
+        with Preemption() as preemption:
+            end = min(config.iterations, stop_at) if stop_at is not None else config.iterations
+            deadline = time.monotonic() + time_limit if time_limit is not None else math.inf
+            while self.step < end and stopped_by == "iterations":
+                sampler.set_epoch(epoch)
+                for i, x0 in enumerate(loader):
+                    if i < skip:
+                        continue
+                    self._train_step(forward, x0)
+                    bar.update()
+                    self._report(log, bar)
+                    stop = _agree(preemption.requested, env, self.device)
+                    # Every rank agrees on the budget too: their clocks differ by a step's skew.
+                    out_of_time = _agree(time.monotonic() >= deadline, env, self.device) if time_limit is not None else False
+                    if self.step % config.checkpoint_every == 0 or self.step == end or stop or out_of_time:
+                        self._checkpoint()
+                    if stop or out_of_time:
+                        stopped_by = "signal" if stop else "time-limit"
+                        break
+                    if self.step >= end:
+                        break
+                epoch, skip = epoch + 1, 0
+        if stopped_by == "iterations" and self.step < config.iterations:  # paused by stop_at (also when resumed at or past it)
+            stopped_by = "stop-at"
+        bar.close()
+        if log is not None:
+            log.close()
+        return {"step": self.step, "stopped_by": stopped_by, "final_loss": self.last_loss}
+
+    def _train_step(self, forward: torch.nn.Module, x0: torch.Tensor) -> None:
+        """One optimiser step on a batch, then the EMA; a non-finite loss or an out-of-memory error stops the run, weights untouched."""
+        config, device = self.config, self.device
+        x0 = x0.to(device, non_blocking=True)
+        if config.hflip:
+            flip = torch.rand(x0.shape[0], device=device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        if config.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, config)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16):
+                loss = self.diffusion.training_loss(forward, x0)
+            if not torch.isfinite(loss.detach()):  # before the update: the weights stay those of the last good step
+                raise TrainingStopped(f"pretrain {self.run_dir}: the loss became {float(loss.detach())} at step {self.step + 1}; stopped without "
+                                      f"updating the weights; {_kept(self.run_dir)}; resume with --resume and a lower --lr")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        except torch.cuda.OutOfMemoryError as e:
+            raise TrainingStopped(out_of_memory_message(f"pretrain {self.run_dir}", self.step + 1, x0.shape[0], _kept(self.run_dir))) from e
+        update_ema(self._ema_params, self._params, ema_decay_at(self.step, config))
+        self.step += 1
+        self.last_loss = float(loss.detach())
+        started, images = self._window
+        self._window = (started, images + x0.shape[0] * self.env.world_size)
+
+    def _report(self, log: MetricsLog | None, bar: tqdm) -> None:
+        """A metrics line every `log_every` steps and a preview grid every `sample_every`, on rank 0."""
+        config, step = self.config, self.step
+        if not self.env.main:
+            return
+        if step % config.log_every == 0 or step == config.iterations:
+            started, images = self._window
+            elapsed = time.monotonic() - started
+            self.history["seconds"] += elapsed
+            log.write({"step": step, "loss": self.last_loss, "lr": lr_at(step - 1, config), "images_per_s": images / elapsed, "time": time.time()})
+            bar.set_postfix(loss=f"{self.last_loss:.4f}")
+            self._window = (time.monotonic(), 0)
+        if config.sample_every and step % config.sample_every == 0:
+            save_sample_grid(self.ema, self.diffusion, self.run_dir / "samples" / f"step-{step:08d}.png", config.sample_count, config.sample_steps,
+                             self.device)
+
+    def _checkpoint(self) -> None:
+        """Save on rank 0; every rank waits, so none runs ahead of a checkpoint."""
+        if self.env.main:
+            state = {"config": asdict(self.config), "unet": self.unet_config.to_dict(), "schedule": self.diffusion.to_dict(),
+                     "data": str(self.data.resolve()), "preprocessing": self.dataset.index.spec.to_dict(), "history": self.history,
+                     "final_loss": self.last_loss, "hardware": describe_hardware(self.device, self.env.world_size)}
+            save_checkpoint(self.run_dir / "checkpoints", Checkpoint(self.step, self.model.state_dict(), self.ema.state_dict(),
+                                                                     self.optimizer.state_dict(), state), self.config.keep_checkpoints)
+        if self.env.world_size > 1:
             dist.barrier()
-
-    with Preemption() as preemption:
-        end = min(config.iterations, stop_at) if stop_at is not None else config.iterations
-        deadline = time.monotonic() + time_limit if time_limit is not None else math.inf
-        while step < end and stopped_by == "iterations":
-            sampler.set_epoch(epoch)
-            for i, x0 in enumerate(loader):
-                if i < skip:
-                    continue
-                x0 = x0.to(device, non_blocking=True)
-                if config.hflip:
-                    flip = torch.rand(x0.shape[0], device=device) < 0.5
-                    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-                if config.channels_last:
-                    x0 = x0.contiguous(memory_format=torch.channels_last)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, config)
-                try:
-                    with autocast:
-                        loss = diffusion.training_loss(forward, x0)
-                    if not torch.isfinite(loss.detach()):  # before the update: the weights stay those of the last good step
-                        raise TrainingStopped(f"pretrain {run_dir}: the loss became {float(loss.detach())} at step {step + 1}; stopped without "
-                                              f"updating the weights; {_kept(run_dir)}; resume with --resume and a lower --lr")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                except torch.cuda.OutOfMemoryError as e:
-                    raise TrainingStopped(out_of_memory_message(f"pretrain {run_dir}", step + 1, x0.shape[0], _kept(run_dir))) from e
-                update_ema(ema_params, params, ema_decay_at(step, config))
-                step += 1
-                last_loss = float(loss.detach())
-                window_images += x0.shape[0] * env.world_size
-                bar.update()
-                if env.main and (step % config.log_every == 0 or step == config.iterations):
-                    elapsed = time.monotonic() - window_start
-                    history["seconds"] += elapsed
-                    log.write({"step": step, "loss": last_loss, "lr": lr_at(step - 1, config), "images_per_s": window_images / elapsed,
-                               "time": time.time()})
-                    bar.set_postfix(loss=f"{last_loss:.4f}")
-                    window_start, window_images = time.monotonic(), 0
-                if config.sample_every and step % config.sample_every == 0 and env.main:
-                    save_sample_grid(ema, diffusion, run_dir / "samples" / f"step-{step:08d}.png", config.sample_count, config.sample_steps, device)
-                stop = _agree(preemption.requested, env, device)
-                # Every rank agrees on the budget too: their clocks differ by a step's skew.
-                out_of_time = _agree(time.monotonic() >= deadline, env, device) if time_limit is not None else False
-                if step % config.checkpoint_every == 0 or step == end or stop or out_of_time:
-                    checkpoint()
-                if stop or out_of_time:
-                    stopped_by = "signal" if stop else "time-limit"
-                    break
-                if step >= end:
-                    break
-            epoch, skip = epoch + 1, 0
-    if stopped_by == "iterations" and step < config.iterations:  # paused by stop_at (also when resumed at or past it)
-        stopped_by = "stop-at"
-    bar.close()
-    if log is not None:
-        log.close()
-    return {"step": step, "stopped_by": stopped_by, "final_loss": last_loss}
 
 
 def _kept(run_dir: Path) -> str:

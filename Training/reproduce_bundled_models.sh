@@ -3,9 +3,8 @@
 #
 #   bash Training/reproduce_bundled_models.sh [SHARED_DATA_DIR] [WORK_DIR]
 #
-# 1. prepare: every real CT slice in the shared data (unlabeled/ and the images of the labelled
-#    abdomen-ct-a and abdomen-ct-c; no labels) at 64 x 64 (6.4 mm) and at 128 x 128 (3.2 mm), the
-#    default 41 cm field of view;
+# 1. prepare: every real CT slice in the shared data (unlabeled/ and the images of the three labelled
+#    CTs; no labels) at 64 x 64 (6.4 mm) and at 128 x 128 (3.2 mm), the default 41 cm field of view;
 # 2. pretrain at 64 px: preset small, 3000 iterations of batch 8 (about an hour on 2 CPU cores), EMA
 #    0.999 with the default warm-up (0.9999 alone averages over ~10k steps, longer than these runs);
 # 3. grow to 128 px: the 64 px EMA weights start a second run on the 128 px slices (--init; the U-Net
@@ -15,10 +14,12 @@
 # 5. continue at 128 px: a second 128 px run started from ddpm-pretrained-800 (--init) on a 4000-iteration
 #    schedule (Adam 2e-4 -> 2e-5), paused after 3200 iterations (--stop-at; about 3 hours on 2 CPU cores),
 #    exported (float16) as the bundled "ddpm-pretrained": 4000 iterations at 128 px in all;
-# 6. fine-tune it with FT-dec on every labelled slice of both labelled CTs, fresh augmentation every
-#    iteration, backbone lr 1e-4 (finetune's default when it was built): 300 iterations, then 500 more
-#    from that model (--base; the bundled model was built in these two stages) -> "flare22-segmentor" (float16);
-# 7. held-out figures (Training.model_figures) and the cards (Training.model_cards);
+# 6. fine-tune it with FT-dec on every labelled slice of the three labelled CTs, abdomen-ct-ircadb01 with its
+#    four organs as partial labels (--organs: its other organs are neither learned nor taught as background),
+#    fresh augmentation every iteration, backbone lr 1e-4, batch 8, 300 iterations -> "flare22-segmentor" (float16);
+# 7. held-out figures (Training.model_figures: leave one patient out over the three, the recipe of step 6
+#    trained on the other two, with and without cleanup; four painted slices of the held-out patient from that
+#    model and from ddpm-pretrained) and the cards (Training.model_cards);
 # 8. install both into DiffusionSegLib/weights and segment abdomen-ct-a with the default model.
 #
 # Steps 2, 3 and 5 are resumable: rerunning the script continues a stopped run. Everything runs on the CPU
@@ -33,10 +34,11 @@ weights="$here/DiffusionSegLib/weights"
 mkdir -p "$work"
 
 for needed in "$shared/unlabeled" "$shared/abdomen-ct-a/ct.nii.gz" "$shared/abdomen-ct-a/labels.nii.gz" \
-              "$shared/abdomen-ct-c/ct.nii.gz" "$shared/abdomen-ct-c/labels.nii.gz"; do
+              "$shared/abdomen-ct-c/ct.nii.gz" "$shared/abdomen-ct-c/labels.nii.gz" \
+              "$shared/abdomen-ct-ircadb01/ct.nii.gz" "$shared/abdomen-ct-ircadb01/labels.nii.gz"; do
     [ -e "$needed" ] || { echo "missing $needed: pass the shared data folder as the first argument" >&2; exit 2; }
 done
-images=("$shared/unlabeled" "$shared/abdomen-ct-a/ct.nii.gz" "$shared/abdomen-ct-c/ct.nii.gz")
+images=("$shared/unlabeled" "$shared/abdomen-ct-a/ct.nii.gz" "$shared/abdomen-ct-c/ct.nii.gz" "$shared/abdomen-ct-ircadb01/ct.nii.gz")
 
 diffusionseg-train prepare "${images[@]}" -o "$work/slices64" --size 64 --workers 2
 diffusionseg-train prepare "${images[@]}" -o "$work/slices128" --size 128 --workers 2
@@ -58,34 +60,30 @@ diffusionseg-train export --run "$work/pretrain128b" -o "$work/ddpm-pretrained" 
 diffusionseg-train sample --model "$work/ddpm-pretrained" -n 16 -o "$work/samples" --sampler ddim --steps 100
 
 echo '{"cache_copies": 0}' > "$work/fresh-augmentation.json"
-diffusionseg finetune --base "$work/ddpm-pretrained" --strategy ft-dec \
-    --image "$shared/abdomen-ct-a/ct.nii.gz" --labels "$shared/abdomen-ct-a/labels.nii.gz" \
-    --image "$shared/abdomen-ct-c/ct.nii.gz" --labels "$shared/abdomen-ct-c/labels.nii.gz" \
+labelled=(--image "$shared/abdomen-ct-a/ct.nii.gz" --labels "$shared/abdomen-ct-a/labels.nii.gz" --organs all
+          --image "$shared/abdomen-ct-c/ct.nii.gz" --labels "$shared/abdomen-ct-c/labels.nii.gz" --organs all
+          --image "$shared/abdomen-ct-ircadb01/ct.nii.gz" --labels "$shared/abdomen-ct-ircadb01/labels.nii.gz"
+          --organs "liver,right kidney,spleen,left kidney")
+[ -f "$work/flare22-segmentor/model.json" ] || diffusionseg finetune --base "$work/ddpm-pretrained" --strategy ft-dec "${labelled[@]}" \
     --iterations 300 --batch-size 8 --lr 1e-4 --patience 0 --config "$work/fresh-augmentation.json" \
-    --half --name flare22-segmentor -o "$work/flare22-segmentor-300" --progress none
-diffusionseg finetune --base "$work/flare22-segmentor-300" --strategy ft-dec \
-    --image "$shared/abdomen-ct-a/ct.nii.gz" --labels "$shared/abdomen-ct-a/labels.nii.gz" \
-    --image "$shared/abdomen-ct-c/ct.nii.gz" --labels "$shared/abdomen-ct-c/labels.nii.gz" \
-    --iterations 500 --batch-size 8 --lr 1e-4 --patience 0 --config "$work/fresh-augmentation.json" \
     --half --name flare22-segmentor -o "$work/flare22-segmentor" --progress none
 
-# Held-out figures (about two hours on 2 CPU cores): the segmentor recipe's first stage leave one patient out,
-# with and without cleanup (--segmentor-continue 500 adds the second stage); 4 painted slices with the
-# command's defaults (FT-dec and FS), all from the bundled backbone. (--cases adapt adds FT-dec after --adapt 120.)
+# Held-out figures (about two and a half hours on 2 CPU cores; resumable): leave one patient out over the three.
 cts=(--ct abdomen-ct-a "$shared/abdomen-ct-a/ct.nii.gz" "$shared/abdomen-ct-a/labels.nii.gz"
-     --ct abdomen-ct-c "$shared/abdomen-ct-c/ct.nii.gz" "$shared/abdomen-ct-c/labels.nii.gz")
-python -m Training.model_figures --pretrained "$work/ddpm-pretrained" "${cts[@]}" -o "$work/figures-seg" --cases segmentor \
+     --ct abdomen-ct-c "$shared/abdomen-ct-c/ct.nii.gz" "$shared/abdomen-ct-c/labels.nii.gz"
+     --ct abdomen-ct-ircadb01 "$shared/abdomen-ct-ircadb01/ct.nii.gz" "$shared/abdomen-ct-ircadb01/labels.nii.gz"
+     --organs abdomen-ct-a all --organs abdomen-ct-c all)
+python -m Training.model_figures --pretrained "$work/ddpm-pretrained" "${cts[@]}" -o "$work/figures-loo" --cases leave-out \
     --segmentor-iterations 300
-python -m Training.model_figures --pretrained "$work/ddpm-pretrained" "${cts[@]}" -o "$work/figures-4" --cases four-slice
+python -m Training.model_figures --pretrained "$work/ddpm-pretrained" "${cts[@]}" -o "$work/figures-loo" --cases four-slice \
+    --strategies ft-dec
 
 # Cards: data sources and licences, the earlier stages (64 px, the first 128 px run), held-out metrics;
-# cleanup on (it raised held-out DSC). The first call completes ddpm-pretrained-800's card, which the
-# second one keeps as the bundled backbone's history (and rewrites the segmentor's card).
-python -m Training.model_cards --pretrained "$work/ddpm-pretrained-800" --segmentor "$work/flare22-segmentor" \
-    --grown-from "$work/ddpm-pretrained-64/model.json" --figures "$work/figures-seg/figures.json" --cleanup
-python -m Training.model_cards --pretrained "$work/ddpm-pretrained" --segmentor "$work/flare22-segmentor" \
-    --grown-from "$work/ddpm-pretrained-800/model.json" \
-    --figures "$work/figures-seg/figures.json" "$work/figures-4/figures.json" --cleanup
+# cleanup on (it raised held-out DSC in every fold). The first call completes ddpm-pretrained-800's card, which the
+# second keeps as the bundled backbone's history; the segmentor's card is written from the leave-one-out figures.
+python -m Training.model_cards --pretrained "$work/ddpm-pretrained-800" --grown-from "$work/ddpm-pretrained-64/model.json"
+python -m Training.model_cards --pretrained "$work/ddpm-pretrained" --grown-from "$work/ddpm-pretrained-800/model.json"
+python -m Training.model_cards --segmentor "$work/flare22-segmentor" --figures "$work/figures-loo/figures.json" --cleanup
 
 mkdir -p "$weights"
 for model in ddpm-pretrained flare22-segmentor; do

@@ -7,9 +7,10 @@ its GUI path lives here and imports nothing beyond the standard library, numpy a
 
 - `commands`: engine command lines, child environment, exit messages;
 - `runner`: the background engine process, cancelled as a whole process tree;
+- `job`: one engine job (a sequence of runs) and the device probe, driven by one poll;
 - `progress_parser`: the engine's ``--progress json`` lines as events;
 - `dependencies`: which Python packages are missing, pip constraints, restart after upgrades;
-- `annotation`: painted slices, write-back merging, the labels last written back;
+- `annotation`: painted slices and the organs they label, write-back merging, the labels last written back;
 - `uncertainty`: reading the uncertainty report and ranking slices;
 - `model_cards`: bundled and user models found by reading ``model.json``;
 - `statistics`: per-organ volumes from Slicer's Segment Statistics results;

@@ -7,10 +7,16 @@ slices only, not on the model's own output. So the module remembers, per segment
 annotated and the labels it wrote; a slice counts as annotated if it was annotated before or now differs
 from what was written (the user corrected it). Before any write-back every touched slice is annotated.
 
+Labels are partial: an annotated slice is annotated for the organs the user painted on any annotated slice
+(`annotated_organs`), not for all 13. An organ segment that exists but is empty (the annotation segmentation
+is prepared with all 13) labels nothing; the organs not labelled are kept from the model fine-tuning
+starts from when that is a segmentation model (`describe_organ_plan` words it for the panel).
+
 Arrays are SimpleITK order (k, j, i); `slice_axis` is the SimpleITK index axis (0 = i, 2 = k) that runs
 along the axial slices, as in ``annotations.annotated_input_slices``. The file side (reading the CT and
-.seg.nrrd files, writing the merged result) is `DiffusionSegLib.writeback`, which runs once the engine's
-packages are installed; everything here also runs before that, e.g. for the annotated-slice count.
+.seg.nrrd files, writing the merged result) is `DiffusionSegLib.writeback`, run by the engine's
+``diffusionseg refine`` (`DiffusionSegLib.refine`); everything here also runs in Slicer before the engine's
+packages are installed, e.g. for the annotated-slice count.
 """
 
 from __future__ import annotations
@@ -127,11 +133,50 @@ def organ_labels(values: np.ndarray, organ_ids: Sequence[int | None]) -> tuple[n
     return table[values], unmatched
 
 
-def annotation_summary(labels: np.ndarray, slices: Iterable[int], slice_axis: int) -> dict:
-    """Annotated slices and the organs painted on them (FLARE22 labels, names in table order)."""
+def annotated_organs(labels: np.ndarray, slices: Iterable[int], slice_axis: int, written: np.ndarray | None = None) -> set[int]:
+    """FLARE22 ids of the organs the annotated `slices` label: those painted on any of them, and those erased there from
+    the labels last written back (erasing the model's wrong liver says where the liver is not).
+
+    Only the annotated slices count: after a write-back the rest of the segmentation is the model's output, not
+    painting; before one, every voxel lies on an annotated slice, so these are the organs with a voxel anywhere.
+    """
     index = sorted(set(slices))
-    present = set(np.unique(_along(labels, slice_axis)[index]).tolist()) if index else set()
-    return {"slices": index, "organs": [o.name for o in ORGANS if o.label in present], "slice_axis": slice_axis}
+    if not index:
+        return set()
+    current = _along(labels, slice_axis)[index]
+    present = set(np.unique(current).tolist())
+    if written is not None:
+        before = _along(written, slice_axis)[index]
+        present |= set(np.unique(before[before != current]).tolist())
+    return {o.label for o in ORGANS if o.label in present}
+
+
+def annotation_summary(labels: np.ndarray, slices: Iterable[int], slice_axis: int, written: np.ndarray | None = None) -> dict:
+    """Annotated slices and the organs they label (`annotated_organs`; FLARE22 names in table order)."""
+    index = sorted(set(slices))
+    organs = annotated_organs(labels, index, slice_axis, written)
+    return {"slices": index, "organs": [o.name for o in ORGANS if o.label in organs], "slice_axis": slice_axis}
+
+
+def describe_organ_plan(organs: Iterable[str], starting_model: str | None) -> str:
+    """What fine-tuning does with each organ, in a few sentences for the panel and its log.
+
+    `organs`: FLARE22 names of the organs the annotation labels (`annotation_summary`). `starting_model`: the name of
+    the segmentation model fine-tuning starts from, which keeps the organs not labelled; None when it starts from the
+    pretrained base or from scratch, where nothing teaches them (`commands.FinetuneSettings.starting_segmentor`).
+    """
+    labelled = {name.lower() for name in organs}
+    learned = [o.display_name for o in ORGANS if o.name in labelled]
+    others = [o.display_name for o in ORGANS if o.name not in labelled]
+    if not learned:
+        return "No organ painted yet: fine-tuning learns the organs you paint."
+    text = f"Learned from your slices: {', '.join(learned)}."
+    if not others:
+        return text
+    if starting_model:
+        return f"{text} Kept from the starting model ({starting_model}): {', '.join(others)}."
+    return (f"{text} Not learned, as fine-tuning does not start from a segmentation model (the new model will not find them): "
+            f"{', '.join(others)}. Paint them, or start from a segmentation model to keep them.")
 
 
 # --- the labels last written back: the reference that tells the user's corrections from the model's output ---

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import model_cards
+
 # Kept in step with segmentor.STRATEGIES and devices.DEVICES (tests check it); not imported, to stay torch-free.
 STRATEGIES = ("ft-dec", "lp", "fs")
 DEVICES = ("auto", "cuda", "cpu", "mps")
@@ -106,6 +108,16 @@ class FinetuneSettings:
         if self.adapt_s and self.strategy == "fs":
             raise ValueError("adaptation needs a pretrained backbone; fs trains from random weights")
 
+    def starting_segmentor(self) -> str | None:
+        """The name of the segmentation model fine-tuning starts from: it keeps the organs the annotation does not label.
+
+        None when it starts from the pretrained base or from scratch (fs keeps only a base's architecture), where
+        nothing teaches those organs: the engine's rule (a segmentor base, not fs).
+        """
+        if self.strategy == "fs" or self.base is None:
+            return None
+        return model_cards.segmentor_name(self.base)
+
 
 def finetune_args(
     images: Iterable[str | Path],
@@ -125,6 +137,11 @@ def finetune_args(
     for image, label in zip(images, labels, strict=True):
         args += ["--image", image, "--labels", label]
     args += ["-o", str(output), "--strategy", settings.strategy, "--device", device, "--progress", "json"]
+    return args + _settings_flags(settings, name)
+
+
+def _settings_flags(settings: FinetuneSettings, name: str | None) -> list[str]:
+    """The fine-tuning flags `finetune` and `refine` share, for the settings that are not the engine's default."""
     optional = {
         "--base": settings.base,
         "--preset": settings.preset,
@@ -135,10 +152,47 @@ def finetune_args(
         "--adapt": settings.adapt_s,
         "--name": name,
     }
+    flags = []
     for flag, value in optional.items():
         if value is not None:
-            args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    return args
+            flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return flags
+
+
+def refine_args(
+    image: str | Path,
+    annotation: str | Path,
+    output: str | Path,
+    result: str | Path,
+    settings: FinetuneSettings,
+    *,
+    recorded: Iterable[int] = (),
+    written: str | Path | None = None,
+    written_output: str | Path | None = None,
+    organs: Iterable[str] | None = None,
+    uncertainty: str | Path | None = None,
+    name: str | None = None,
+    device: str = "auto",
+) -> list[str]:
+    """Arguments after `engine_command` for ``diffusionseg refine`` with JSON progress: one Fine-tune click as one run.
+
+    `organs`: the organs the annotation labels (FLARE22 names or ids); None lets the engine take the painted ones.
+    """
+    _check_device(device)
+    args = ["refine", "--image", str(image), "--annotation", str(annotation), "-o", str(output), "--result", str(result),
+            "--strategy", settings.strategy, "--device", device, "--progress", "json"]
+    slices = sorted({int(i) for i in recorded})
+    if slices:
+        args += ["--recorded-slices", ",".join(map(str, slices))]
+    organs = None if organs is None else [str(o) for o in organs]
+    if organs is not None:
+        if not organs:
+            raise ValueError("organs: name at least one organ the annotation labels, or pass None to let the engine find them")
+        args += ["--organs", ",".join(organs)]
+    for flag, path in (("--written", written), ("--written-output", written_output), ("--uncertainty", uncertainty)):
+        if path is not None:
+            args += [flag, str(path)]
+    return args + _settings_flags(settings, name)
 
 
 def model_folder_name(label: str, existing: Iterable[str], when: _dt.datetime | None = None) -> str:

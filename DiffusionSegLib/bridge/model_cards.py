@@ -77,6 +77,22 @@ def list_models(kind: str | None = None, roots: tuple[tuple[str, Path], ...] | N
     return [found[name] for name in sorted(found)]
 
 
+def find_card(model: str | Path) -> dict | None:
+    """The card of `model`, a model folder or a name as ``--model`` takes it; None when there is no such model."""
+    if Path(model).is_dir():
+        return read_card(model)
+    entry = next((e for e in list_models() if e.name == str(model)), None)
+    return entry.card if entry is not None else None
+
+
+def segmentor_name(model: str | Path) -> str | None:
+    """The name of segmentation model `model` (a model folder, or a name as ``--base`` takes it); None when it is not one."""
+    card = find_card(model)
+    if card is None or card.get("kind") != "segmentor":
+        return None
+    return str(card.get("name") or Path(model).name)
+
+
 def is_user_model(path: str | Path) -> bool:
     """Whether `path` is a model folder directly inside the per-user models folder (only those may be deleted)."""
     if not path:

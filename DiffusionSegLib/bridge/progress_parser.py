@@ -42,9 +42,18 @@ class ProgressUpdate:
         return text
 
 
+# A message that starts with this is a warning about the scan or the result (the engine's Progress.warning).
+WARNING_PREFIX = "warning: "
+
+
 @dataclass(frozen=True)
 class Message:
     text: str
+
+    @property
+    def warning(self) -> str | None:
+        """The warning's text without the prefix, or None for an ordinary message."""
+        return self.text[len(WARNING_PREFIX):] if self.text.startswith(WARNING_PREFIX) else None
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ Everything here takes the scene (vtkMRMLScene) and the Segmentations module logi
 reaching for ``slicer.mrmlScene`` and ``slicer.modules``, so the same code runs inside Slicer and, in the
 tests, against Kitware's slicer-core wheel (Slicer's MRML and segmentation libraries without Qt). Nothing
 from VTK or Slicer is imported at import time: this package must load before anything is installed, and
-VTK is needed only once a scene exists. The engine's file side (`DiffusionSegLib.writeback`) is imported
-only by `write_back`, which runs after the engine's packages are installed.
+VTK is needed only once a scene exists. The engine's file side (preparing the annotated slices, merging
+them back) runs in the engine's process (``diffusionseg refine``); here only its result is loaded.
 """
 
 from __future__ import annotations
@@ -135,24 +135,22 @@ class SceneOps:
         segmentation_node.SetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole(), volume_node.GetID())
         segmentation_node.CreateDefaultDisplayNodes()
 
-    def write_back(self, volume_node, annotation_node, ct: Path, prediction: Path, painted: Path, slices: list[int], report: Path,
-                   written_folder: Path) -> None:
-        """Load prediction + painted slices into the annotation node and remember what was written."""
-        from ..writeback import write_back  # the file side: needs the installed packages
+    def write_back(self, volume_node, annotation_node, merged: Path, slices: list[int], report: Path, written: Path) -> None:
+        """Load the engine's merged result (``diffusionseg refine --result``: the new prediction with the annotated
+        `slices` as painted) into the annotation node and remember what was written: the annotated slices, the merged
+        labels the engine saved (`written`, its ``--written-output``) and the uncertainty report.
 
-        # One file per segmentation, overwritten at each write-back (old .nrrd ones from earlier versions are replaced).
+        `written` takes the place of the segmentation's previous written-labels file, which is deleted: one file per
+        segmentation, a new name each round, so a failed round never leaves the node pointing at labels it does not hold.
+        """
+        report_text = Path(report).read_text(encoding="utf-8")  # read first: a missing report changes nothing
         previous = written_path(annotation_node)
-        written = previous
-        if written is None or written.suffix != annotation.WRITTEN_SUFFIX:
-            written = annotation.new_written_path(written_folder)
-        merged = Path(prediction).with_name("merged.seg.nrrd")
-        write_back(ct, prediction, painted, merged, slices, written)
         self.import_segmentation(merged, annotation_node, volume_node)
         annotation_node.SetAttribute(ANNOTATED_SLICES_ATTRIBUTE, json.dumps(sorted(slices)))
         annotation_node.SetAttribute(WRITTEN_LABELS_ATTRIBUTE, str(written))
-        if previous is not None and previous != written:
+        if previous is not None and previous.resolve() != Path(written).resolve():
             previous.unlink(missing_ok=True)
-        annotation_node.SetAttribute(UNCERTAINTY_ATTRIBUTE, Path(report).read_text(encoding="utf-8"))
+        annotation_node.SetAttribute(UNCERTAINTY_ATTRIBUTE, report_text)
 
     # --- nodes and the subject hierarchy ---
 
@@ -234,13 +232,14 @@ class SceneOps:
         return labels, [segmentation.GetSegment(ids[n]).GetName() for n in unmatched]
 
     def annotation_status(self, segmentation_node, volume_node) -> dict:
-        """Annotated axial slices, organs painted on them and unmatched segment names (numpy only: runs before any install)."""
+        """Annotated axial slices, the organs they label (`annotation.annotated_organs`) and unmatched segment names
+        (numpy only: runs before any install). The engine's ``refine`` takes the same slices and organs from the files."""
         labels, unmatched = self.labels_on_volume(segmentation_node, volume_node)
         axis = axial_axis(volume_node)
         # written for another CT grid (None): fall back to what was recorded
         written = annotation.load_written_labels(written_path(segmentation_node), labels.shape)
         slices = annotation.annotated_slices(labels, axis, written, recorded_slices(segmentation_node))
-        return {**annotation.annotation_summary(labels, slices, axis), "unmatched": unmatched}
+        return {**annotation.annotation_summary(labels, slices, axis, written), "unmatched": unmatched}
 
     def written_paths_in_use(self) -> list[Path]:
         """The written-labels files of the segmentations in the scene (kept when old ones are pruned)."""

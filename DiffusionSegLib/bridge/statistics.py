@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..organ_trust import CHECK_BELOW, held_out_dsc
 from ..organs import ORGANS, match_organ
 
 VOLUME_KEY = "LabelmapSegmentStatisticsPlugin.volume_cm3"
@@ -46,14 +47,27 @@ def organ_volumes(statistics: Mapping, names: Mapping[str, tuple[str, str | None
     return [found[o.label] for o in ORGANS if o.label in found], [o.display_name for o in ORGANS if o.label not in found]
 
 
-def describe_volumes(rows: list[OrganVolume], absent: list[str]) -> str:
-    """Lines for the panel, e.g. ``Liver: 1520.3 mL, 62 ± 18 HU``, then the organs not found."""
+def describe_volumes(rows: list[OrganVolume], absent: list[str], card: Mapping | None = None, warnings: list[str] = ()) -> str:
+    """Lines for the panel, e.g. ``Liver: 1520.3 mL, 62 ± 18 HU, held-out DSC 0.93``, then the organs not found and the warnings.
+
+    `card`: the segmenting model's card; its held-out DSC is shown per organ and organs below ``CHECK_BELOW`` (or not
+    measured) are marked "check". `warnings`: the engine's warnings about this scan (volumes, anatomy).
+    """
+    figures = held_out_dsc(card) if card is not None else None
+    by_display = {o.display_name: o.name for o in ORGANS}
     lines = []
     for row in rows:
         text = f"{row.organ}: {row.volume_ml:.1f} mL"
         if row.mean_hu is not None:
             text += f", {row.mean_hu:.0f} ± {row.std_hu or 0:.0f} HU"
+        if figures is not None:
+            dsc = figures.get(by_display.get(row.organ, ""))
+            text += ", held-out DSC not measured: check" if dsc is None else f", held-out DSC {dsc:.2f}" + (": check" if dsc < CHECK_BELOW else "")
         lines.append(text)
     if absent:
         lines.append("Not found: " + ", ".join(absent))
+    if figures is not None:
+        lines.append(f"Held-out DSC: this model on patients it was not trained on; check the organs marked (below {CHECK_BELOW:.2f}) "
+                     "before using them.")
+    lines += [f"Warning: {w}" for w in warnings]
     return "\n".join(lines)

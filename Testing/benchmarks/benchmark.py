@@ -1,4 +1,4 @@
-"""Speed and memory benchmarks (issue 6): segment, fine-tune, pretrain. Prints a table and writes JSON.
+"""Speed and memory benchmarks: segment, fine-tune, pretrain. Prints a table and writes JSON.
 
     python Testing/benchmarks/benchmark.py [segment] [finetune] [pretrain] [--quick] [--presets small b]
         [--device auto|cpu|cuda] [--json OUT.json] [--base MODEL] [--memory-slices N] [--segment-slices N]
@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "Testing"), str(ROOT)]
 from phantom import make_phantom  # noqa: E402
 
+from DiffusionSegLib import strategies  # noqa: E402
 from DiffusionSegLib.annotations import training_slices  # noqa: E402
 from DiffusionSegLib.devices import autocast, configure_cpu, resolve_device  # noqa: E402
 from DiffusionSegLib.diffusion import GaussianDiffusion  # noqa: E402
@@ -53,10 +54,12 @@ from DiffusionSegLib.finetune import FinetuneConfig, PlateauStop, cache_pool_siz
 from DiffusionSegLib.imageio import read_ct, read_labels, write_labelmap  # noqa: E402
 from DiffusionSegLib.inference import default_batch_size, predict_probabilities  # noqa: E402
 from DiffusionSegLib.metrics import organ_overlap  # noqa: E402
-from DiffusionSegLib.models import DEFAULT_PRETRAINED, load_unet, read_card, resolve_model  # noqa: E402
+from DiffusionSegLib.models import DEFAULT_PRETRAINED, read_card, resolve_model  # noqa: E402
 from DiffusionSegLib.preprocessing import PreprocessingSpec, to_model_space  # noqa: E402
 from DiffusionSegLib.probability_resampling import probabilities_to_image_space  # noqa: E402
-from DiffusionSegLib.segmentor import DEFAULT_HEAD_WIDTH, STRATEGIES, Segmentor  # noqa: E402
+from DiffusionSegLib.recipe import build_segmentor, new_segmentor, random_base  # noqa: E402
+from DiffusionSegLib.segmentor import Segmentor  # noqa: E402
+from DiffusionSegLib.strategies import STRATEGIES  # noqa: E402
 from DiffusionSegLib.unet import PRESETS, UNetModel, preset_config  # noqa: E402
 from Training.prepare import prepare  # noqa: E402
 from Training.pretrain import PretrainConfig, pretrain  # noqa: E402
@@ -255,7 +258,7 @@ def choose_slices(labels: torch.Tensor, positions: list[int], count: int = 4, mi
 
 
 def random_segmentor(preset: str, size: int) -> Segmentor:
-    return Segmentor(preset_config(preset, size), DEFAULT_HEAD_WIDTH.get(preset, 64))
+    return new_segmentor(random_base(preset, size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,11 +368,11 @@ def case_finetune(p: dict) -> dict:
     _reset_gpu_peak(device)
     result: dict = {"strategy": p["strategy"], "preset": p["preset"], "size": p["size"], "slices": int(images.shape[0]),
                     "schedule_iterations": FinetuneConfig().iterations}
-    if p["strategy"] != "fs":  # the encoder is frozen: the cache applies
+    if strategies.get(p["strategy"]).frozen:  # the frozen part's outputs can be cached
         no_cache = FinetuneConfig(strategy=p["strategy"], iterations=p["iterations"] + 1, patience=0, cache_copies=0)
         result["no_cache_seconds_per_iteration"], _ = _time_iterations(segmentor, images, labels, no_cache, device)
     result["seconds_per_iteration"], first = _time_iterations(segmentor, images, labels, config, device)
-    if p["strategy"] != "fs":
+    if strategies.get(p["strategy"]).frozen:
         pool = cache_pool_size(config, images.shape[0], frozen_bytes_per_slice(segmentor, images.shape[-1]))
         result["cache"] = {"pool": pool, "seconds": max(first - result["seconds_per_iteration"], 0.0)} if pool else {"pool": 0}
         result["cache_speedup"] = result["no_cache_seconds_per_iteration"] / result["seconds_per_iteration"]
@@ -395,10 +398,8 @@ def case_convergence(p: dict) -> dict:
     """FT-dec from a base model on 4 real slices for the full schedule, Dice on the other labelled slices
     every `eval_every` iterations (evaluation off the training clock)."""
     device = torch.device(p["device"])
-    card = read_card(p["base"])
-    unet, _ = load_unet(p["base"])
-    segmentor = Segmentor(card.unet, DEFAULT_HEAD_WIDTH.get(card.preset or "", 64))
-    segmentor.load_pretrained(unet.state_dict())
+    start = build_segmentor(p["base"], "ft-dec")
+    card, segmentor = start.card, start.segmentor
     ct = read_ct(p["ct"])
     slices = training_slices([(ct, read_labels(p["labels"], ct))], card.preprocessing)
     train = choose_slices(slices.labels, [index for _, index in slices.sources])

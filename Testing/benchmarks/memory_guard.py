@@ -153,7 +153,7 @@ def run(configuration: dict) -> dict:
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    lines = [f"| configuration | batch | workers | saved/slice GiB | predicted GiB | measured GiB | error | s |",
+    lines = ["| configuration | batch | workers | saved/slice GiB | predicted GiB | measured GiB | error | s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows:
         if "error" in r:
