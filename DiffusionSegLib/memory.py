@@ -38,7 +38,10 @@ ATTENTION_BACKWARD = 2.0  # softmax's backward holds two more tokens x tokens ma
 # is 0.125 GiB; 0.08 GiB at 128 px, layer 0.008 GiB) in Testing/benchmarks/memory_guard.py; docs/memory-guard.md.
 CPU_ATTENTION_FIXED = 10.0
 MIN_TOKENS = 16  # smaller square tensors are not attention (and too small to matter)
-WORKER_BYTES = 150 << 20  # what each data loader process holds of its own (its Python heap, the batches it prepares)
+# What each data loader process holds of its own (its Python heap, the batches it prepares): 10-46 MiB measured
+# privately per worker at 64-256 px (Testing/benchmarks/memory_guard.py); the pages it shares with the main process
+# are counted there.
+WORKER_BYTES = 48 << 20
 
 
 def available_cores() -> int:

@@ -29,8 +29,8 @@ from .devices import describe_hardware, resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import InputError
 from .finetune import FinetuneConfig, finetune
-from .models import ModelCard, load_segmentor, load_unet, now_iso, portable_path, read_card, resolve_model
-from .organs import ORGANS
+from .models import DEFAULT_SEGMENTOR, ModelCard, load_segmentor, load_unet, now_iso, portable_path, read_card, resolve_model
+from .organs import LabelSet
 from .preprocessing import PreprocessingSpec, to_model_space
 from .progress import Progress
 from .segmentor import DEFAULT_HEAD_WIDTH, Segmentor
@@ -51,8 +51,10 @@ def random_base(preset: str, size: int | None = None) -> ModelCard:
 
 
 def new_segmentor(card: ModelCard, strategy: str = DEFAULT_STRATEGY, *, head: int | None = None, head_layers: int = DEFAULT_HEAD_LAYERS,
-                  timestep: int | None = None, unet_state: dict[str, torch.Tensor] | None = None) -> Segmentor:
-    """A segmentor of `card`'s architecture with a new head of `head` width (default by preset) at `timestep` (default 0).
+                  timestep: int | None = None, unet_state: dict[str, torch.Tensor] | None = None,
+                  label_set: LabelSet | None = None) -> Segmentor:
+    """A segmentor of `card`'s architecture with a new head of `head` width (default by preset) at `timestep` (default 0),
+    one class per label of `label_set` (default: the card's) and background.
 
     Its backbone takes `unet_state` (a pretrained noise predictor's weights) when given and the strategy starts from a
     pretrained backbone; otherwise it keeps its random initialisation.
@@ -61,7 +63,8 @@ def new_segmentor(card: ModelCard, strategy: str = DEFAULT_STRATEGY, *, head: in
     steps = GaussianDiffusion.from_dict(card.schedule).num_timesteps
     if not 0 <= timestep < steps:
         raise InputError(f"--timestep {timestep}: must lie within the model's diffusion steps (0-{steps - 1})")
-    segmentor = Segmentor(card.unet, head_width(card, head), head_layers=head_layers, timestep=timestep)
+    classes = (label_set or card.label_set).num_classes
+    segmentor = Segmentor(card.unet, head_width(card, head), head_layers=head_layers, timestep=timestep, num_classes=classes)
     if unet_state is not None and strategies.get(strategy).pretrained:
         segmentor.load_pretrained(unet_state)
     return segmentor
@@ -76,6 +79,12 @@ class Start:
     path: Path | None  # the base model folder; None: random weights of a preset (or of the default base's architecture)
     strategy: str
     continued: bool = False  # a segmentation model continued, head included: it already segments the organs
+    label_set: LabelSet | None = None  # the organs the new model labels; None: the base card's
+
+    def __post_init__(self) -> None:
+        self.label_set = self.label_set or self.card.label_set
+        if self.label_set.num_classes != self.segmentor.num_classes:
+            raise ValueError(f"a segmentor with {self.segmentor.num_classes} classes for {self.label_set.describe()}")
 
     @property
     def kept_organs(self) -> str:
@@ -83,19 +92,36 @@ class Start:
         return "kept as the base model knows them" if self.continued else "not learned"
 
 
+def default_base(strategy: str, head: int | None = None, adapt_seconds: float = 0.0, preset: str | None = None) -> str | None:
+    """The base a fine-tune starts from when none is given (None: the bundled pretrained model).
+
+    The bundled segmentation model, continued, for a strategy that starts from trained weights: held out, four painted
+    slices of a new patient refined from the segmentor (trained without that patient) beat the same slices refined from
+    the pretrained model (docs/model-figures.md, leave-one-out). The pretrained model when the run asks for what only
+    a pretrained backbone has: a new head (`head`) or DDPM adaptation; for fs (or a `preset` of its own) only the
+    architecture is used, and the pretrained model's is the same.
+    """
+    if not strategies.get(strategy).pretrained or head is not None or adapt_seconds > 0 or preset is not None:
+        return None
+    return DEFAULT_SEGMENTOR
+
+
 def build_segmentor(base: str | Path | None = None, strategy: str = DEFAULT_STRATEGY, head: int | None = None, timestep: int | None = None,
-                    preset: str | None = None) -> Start:
+                    preset: str | None = None, label_set: LabelSet | None = None) -> Start:
     """The network to fine-tune: a pretrained backbone with a new head, a segmentation model continued, or random weights.
 
     `base` is a model name or folder (None: the bundled pretrained model). A strategy without a pretrained backbone
     (fs) keeps only the base's architecture and preprocessing; without a base it takes `preset` (None: the bundled
     pretrained model's architecture, so FS and FT-dec see the same pixels). A segmentation model as base is continued,
     head included, unless the strategy starts from random weights.
+
+    `label_set`: the organs the new model labels (None: the base's; FLARE22 for the bundled models). A segmentation
+    model whose set differs gives its backbone only: the head is new, with one class per label of `label_set`.
     """
     row = strategies.get(strategy)
     if not row.pretrained and base is None:
         card = read_card(resolve_model(None, "pretrained")) if preset is None else random_base(preset)
-        return Start(new_segmentor(card, strategy, head=head, timestep=timestep), card, None, strategy)
+        return Start(new_segmentor(card, strategy, head=head, timestep=timestep, label_set=label_set), card, None, strategy, label_set=label_set)
     path = resolve_model(base, "pretrained")
     card = read_card(path)
     if preset and card.preset and preset != card.preset:
@@ -104,12 +130,16 @@ def build_segmentor(base: str | Path | None = None, strategy: str = DEFAULT_STRA
         segmentor, card = load_segmentor(path)
         if timestep is not None:
             segmentor.timestep = timestep
-        return Start(segmentor, card, path, strategy, continued=True)
-    segmentor = new_segmentor(card, strategy, head=head, timestep=timestep)
+        if label_set is None or label_set == card.label_set:
+            return Start(segmentor, card, path, strategy, continued=True)
+        new = new_segmentor(card, strategy, head=head, timestep=segmentor.timestep, label_set=label_set)
+        new.unet.load_state_dict(segmentor.unet.state_dict())  # its trained backbone; its head labels another set
+        return Start(new, card, path, strategy, label_set=label_set)
+    segmentor = new_segmentor(card, strategy, head=head, timestep=timestep, label_set=label_set)
     if row.pretrained:
         unet, _ = load_unet(path)
         segmentor.load_pretrained(unet.state_dict())
-    return Start(segmentor, card, path, strategy)
+    return Start(segmentor, card, path, strategy, label_set=label_set)
 
 
 def check_adapt(strategy: str, seconds: float) -> None:
@@ -122,7 +152,7 @@ def check_adapt(strategy: str, seconds: float) -> None:
 
 @dataclass
 class TrainingCT:
-    """A CT and its labels (FLARE22 ids on the CT's grid) to fine-tune on."""
+    """A CT and its labels (ids of the model's label set, on the CT's grid) to fine-tune on."""
 
     ct: sitk.Image
     labels: sitk.Image
@@ -159,11 +189,14 @@ def finetune_model(
     if start.strategy != config.strategy:
         raise ValueError(f"the start was built for {start.strategy}, the settings say {config.strategy}")
     progress = progress or Progress("none")
-    slices = training_slices([(t.ct, t.labels) for t in training], start.card.preprocessing, [t.organs for t in training])
+    slices = training_slices([(t.ct, t.labels) for t in training], start.card.preprocessing, [t.organs for t in training], start.label_set)
     data = _data_record(training, slices)
 
     adaptation = _adapt(start, [t.ct for t in training], adapt_seconds, config.seed, device, progress)
     organs = ", ".join(slices.summary()["organs"])
+    if start.path is not None and start.card.kind == "segmentor" and not start.continued and strategies.get(config.strategy).pretrained:
+        progress.message(f"{start.card.name} labels {start.card.label_set.describe()}: its backbone is the start, with a new head for "
+                         f"{start.label_set.describe()}")
     progress.message(f"fine-tuning ({config.strategy}) on {len(slices.sources)} annotated slices, organs: {organs}; device {device}")
     if unlabelled := slices.unlabelled_organs():
         progress.message(f"partial labels: {', '.join(unlabelled)} unlabelled in at least one CT; there, unlabelled voxels may be them "
@@ -188,6 +221,7 @@ def finetune_model(
         postprocessing=postprocessing_of(base_card, config.strategy),
         licence=dict(base_card.licence),
         name=name,
+        labels=start.label_set.to_card(),
         provenance={
             "created": now_iso(),
             "diffusionseg_version": __version__,
@@ -213,7 +247,7 @@ def _data_record(training: Sequence[TrainingCT], slices: TrainingSlices) -> list
     data = []
     for number, t in enumerate(training):
         entry = {**t.source, "annotated_slices": [index for n, index in slices.sources if n == number],
-                 "labelled_organs": [o.name for o in ORGANS if o.label in slices.organ_sets[number]]}
+                 "labelled_organs": slices.label_set.names(slices.organ_sets[number])}
         if not entry["annotated_slices"]:
             raise InputError(f"{t.name or f'labelled CT {number + 1}'}: no annotated slice (no labelled voxel); paint at least one organ on one axial slice")
         data.append(entry)

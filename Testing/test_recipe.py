@@ -101,3 +101,29 @@ def test_one_orientation_rule():
     tie = (half, half, 0, -half, half, 0, 0, 0, 1.0)
     assert canonical_axes(tie)[0] == [0, 1, 2] and axial_axis(tie) == 2
     assert axial_axis((0, 1, 0, 0, 0, 1, 1, 0, 0)) == 0
+
+
+def test_finetune_starts_from_the_bundled_segmentor_unless_it_needs_a_pretrained_backbone():
+    from DiffusionSegLib.models import DEFAULT_SEGMENTOR
+    from DiffusionSegLib.recipe import default_base
+
+    assert default_base("ft-dec") == default_base("lp") == DEFAULT_SEGMENTOR
+    assert default_base("fs") is None  # architecture only: the pretrained model's
+    assert default_base("ft-dec", head=128) is None and default_base("ft-dec", adapt_seconds=30) is None
+    assert default_base("ft-dec", preset="tiny") is None
+
+
+def test_finetune_without_base_continues_the_bundled_segmentor(tmp_path):
+    from DiffusionSegLib.cli import main
+    from DiffusionSegLib.models import DEFAULT_SEGMENTOR
+
+    ct, labels = make_phantom(size=(48, 40, 6), spacing=(8.0, 8.0, 30.0), seed=4)
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
+    common = ["--image", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "labels.nii.gz"), "--iterations", "1", "--batch-size", "1",
+              "--progress", "none", "--device", "cpu"]
+    assert main(["finetune", *common, "-o", str(tmp_path / "continued")]) == 0
+    base = read_card(tmp_path / "continued").provenance["base"]
+    assert base["kind"] == "segmentor" and base["name"] == DEFAULT_SEGMENTOR
+    assert main(["finetune", *common, "-o", str(tmp_path / "new-head"), "--head", "h32"]) == 0
+    assert read_card(tmp_path / "new-head").provenance["base"]["kind"] == "pretrained"

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,14 +104,14 @@ def grid(data: dict[int, Path], work: Path) -> list[dict]:
         argv = ["pretrain", "--data", str(data[size]), "--out", str(work / name.replace(" ", "-")), "--preset", preset, *pretrain_common]
         argv += ["--batch-size", str(batch)] if batch else []
         argv += ["--workers", str(workers)] if workers is not None else []
-        configurations.append({"name": name, "command": "pretrain", "argv": argv, "free_cap": free_cap})
+        configurations.append({"name": name, "command": "pretrain", "argv": argv, "free_cap": free_cap, "out": argv[argv.index("--out") + 1]})
 
     def finetune(strategy: str, preset: str | None, batch: int) -> None:
         name = f"finetune {strategy} {preset or 'bundled'} b{batch}"
         argv = ["finetune", "--image", str(ct / "ct.nii.gz"), "--labels", str(ct / "labels.nii.gz"), "-o", str(work / name.replace(" ", "-")),
                 "--strategy", strategy, "--iterations", "4", "--batch-size", str(batch), "--progress", "none", "--device", "cpu"]
         argv += ["--preset", preset] if preset else []
-        configurations.append({"name": name, "command": "finetune", "argv": argv})
+        configurations.append({"name": name, "command": "finetune", "argv": argv, "out": argv[argv.index("-o") + 1]})
 
     pretrain("tiny", 64, 1, 0)
     pretrain("tiny", 64, 8, 0)
@@ -141,11 +142,14 @@ def prepare(work: Path, sizes: tuple[int, ...]) -> dict[int, Path]:
 
 
 def run(configuration: dict) -> dict:
+    shutil.rmtree(configuration["out"], ignore_errors=True)  # a run folder left by an earlier benchmark would be resumed or refused
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(configuration)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         return {"error": f"exit {done.returncode}: {done.stderr.strip()[-400:]}"}
     result = json.loads(lines[-1][len("RESULT "):])
+    if result.get("code") or "batch" not in result:
+        return {"error": f"exit {result.get('code')}: {done.stderr.strip()[-400:]}"}
     result["measured"] = result["main_peak"] + sum(result["worker_peaks"])
     result["predicted"] = result.get("predicted", 0) + result.get("cache", 0)
     result["notes"] = [line for line in done.stderr.splitlines() if line.startswith("note:")]
