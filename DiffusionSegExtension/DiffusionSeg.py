@@ -49,11 +49,13 @@ if str(_engine_parent()) not in sys.path:
     sys.path.insert(0, str(_engine_parent()))
 
 # The bridge needs only numpy and the standard library, which Slicer always has.
+from DiffusionSegLib import strategies  # noqa: E402  (the strategy table: standard library only)
 from DiffusionSegLib.bridge import annotation, commands, dependencies, model_cards, sample, scene, statistics  # noqa: E402
 from DiffusionSegLib.bridge.job import CANCEL_GRACE_S, BackgroundJobs, JobEnd  # noqa: E402
 from DiffusionSegLib.bridge.progress_parser import Event, Message, ProgressUpdate  # noqa: E402
 from DiffusionSegLib.bridge.scene import UNCERTAINTY_ATTRIBUTE  # noqa: E402
 from DiffusionSegLib.bridge.uncertainty import check_report, rank_slices  # noqa: E402
+from DiffusionSegLib.organs import FLARE22, LabelSet  # noqa: E402  (label sets: standard library only)
 
 POLL_INTERVAL_MS = 200
 
@@ -75,7 +77,8 @@ class DiffusionSeg(ScriptedLoadableModule):
         self.parent.dependencies = ["Segmentations", "SegmentEditor"]
         self.parent.contributors = ["DiffusionSeg contributors"]
         self.parent.helpText = _(
-            "Segment 13 abdominal organs (FLARE22 label set) in CT with a DDPM-pretrained U-Net. Paint a few axial slices, "
+            "Segment organs in CT with a DDPM-pretrained U-Net: the bundled models segment 13 abdominal organs (FLARE22 label set), "
+            "a model fine-tuned with a label set of its own segments those (its card lists them). Paint a few axial slices, "
             "fine-tune the model on them and write its result back without touching what you painted. "
             "A touched axial slice counts as annotated for the organs you painted; the organs you do not paint are kept from "
             "the selected model when fine-tuning starts from it. "
@@ -116,12 +119,19 @@ class Device(enum.Enum):
 
 
 class Strategy(enum.Enum):
+    """The offered rows of DiffusionSegLib.strategies (a test keeps the members in step with the table)."""
+
     FT_DEC = "ft-dec"
     LP = "lp"
     FS = "fs"
 
     def label(self) -> str:
-        return {"ft-dec": "FT-dec: encoder frozen", "lp": "LP: head only", "fs": "FS: from scratch"}[self.value]
+        return strategies.get(self.value).menu_label
+
+    @property
+    def pretrained(self) -> bool:
+        """Starts from a pretrained backbone (False: random weights, only a base's architecture kept)."""
+        return strategies.get(self.value).pretrained
 
 
 class FinetuneFrom(enum.Enum):
@@ -204,6 +214,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.annotationSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.observeAnnotation)
         self._statusTimer.connect("timeout()", self.updateAnnotationStatus)
         self.ui.progressBar.hide()
+        self.ui.strategyComboBox.toolTip = strategies.tooltip()
 
         self.initializeParameterNode()
         self.refreshModels()
@@ -211,6 +222,15 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Accelerators are asked in a child process once the panel is up: torch is never imported here.
         self.logic.probeDevices(self.updateDeviceWarning)
         self.logic.pruneWrittenLabels()
+
+    def annotationLabelSet(self) -> LabelSet:
+        """The organs the annotation is prepared and counted with: those the fine-tuned model will label (the model
+        fine-tuning starts from decides them, read from its card; FLARE22's for the bundled models)."""
+        try:
+            return self.finetuneSettings().new_label_set()
+        except Exception as e:  # a broken card or label set must not break the panel: the engine says what is wrong
+            logging.warning(f"DiffusionSeg: cannot read the label set: {e}")
+            return FLARE22
 
     def cleanup(self) -> None:
         self.logic.cancel()
@@ -371,6 +391,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelInfoLabel.text = self.logic.describeModel(path) if path else ""
         self.ui.deleteModelButton.enabled = self.state == State.IDLE and self.logic.isUserModel(path)
         self.updateButtons()
+        self._statusTimer.start()  # another model may label other organs: count the annotation again
 
     def onDeleteModel(self) -> None:
         path = self.selectedModel()
@@ -415,7 +436,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAnnotateButton(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to prepare the annotation segmentation."), waitCursor=True):
-            p.annotationSegmentation = self.logic.prepareAnnotation(p.inputVolume, p.annotationSegmentation)
+            p.annotationSegmentation = self.logic.prepareAnnotation(p.inputVolume, p.annotationSegmentation, self.annotationLabelSet())
             self.logic.openSegmentEditor(p.annotationSegmentation, p.inputVolume)
             self.updateAnnotationStatus()
 
@@ -435,8 +456,9 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             iterations=p.iterations,
             time_limit_s=p.timeLimitMinutes * 60 if p.timeLimitMinutes > 0 else None,
             timestep=p.timestep,
-            base=base if p.strategy != Strategy.FS else None,
-            adapt_s=p.adaptSeconds if p.strategy != Strategy.FS else None,  # fs has no pretrained backbone to adapt
+            base=base if p.strategy.pretrained else None,
+            adapt_s=p.adaptSeconds if p.strategy.pretrained else None,  # random weights: no pretrained backbone to adapt
+            label_set=base if not p.strategy.pretrained else None,  # from random weights the selected model still says the organs
         )
 
     def startFinetune(self, device: str) -> None:
@@ -518,7 +540,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.annotationStatusLabel.text = self.annotationHint()
             return
         try:
-            self._annotationStatus = self.logic.annotationStatus(p.annotationSegmentation, p.inputVolume)
+            self._annotationStatus = self.logic.annotationStatus(p.annotationSegmentation, p.inputVolume, self.annotationLabelSet())
         except Exception as e:  # a status line must never break painting
             self.ui.annotationStatusLabel.text = _("Cannot count annotated slices: {error}").format(error=e)
             return
@@ -529,14 +551,15 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         status = self._annotationStatus
         if status is None or self._parameterNode is None:
             return
+        labelSet = self.annotationLabelSet()
         text = _("{count} annotated axial slices").format(count=len(status["slices"]))
         if status["slices"]:
             shown = ", ".join(str(i + 1) for i in status["slices"][:20]) + (", ..." if len(status["slices"]) > 20 else "")
             text += f" ({shown})"
-            text += "\n" + annotation.describe_organ_plan(status["organs"], self.finetuneSettings().starting_segmentor())
+            text += "\n" + annotation.describe_organ_plan(status["organs"], self.finetuneSettings().starting_segmentor(), labelSet)
         if status["unmatched"]:
-            text += "\n" + _("Segments not matching any of the 13 organs (rename or delete them before fine-tuning): {names}").format(
-                names=", ".join(status["unmatched"]))
+            text += "\n" + _("Segments not matching any of {organs} (rename or delete them before fine-tuning): {names}").format(
+                organs=labelSet.describe(), names=", ".join(status["unmatched"]))
         self.ui.annotationStatusLabel.text = text + "\n" + self.annotationHint()
 
     def reportSegmentation(self):
@@ -689,6 +712,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             return _("Cannot read {card}: {error}").format(card=card, error=e)
         provenance = data.get("provenance") or {}
         parts = [f"{data.get('name') or Path(path).name}: {data.get('kind')}, preset {data.get('preset')}, strategy {data.get('strategy')}"]
+        parts.append(_("labels {organs}").format(organs=model_cards.label_set(path).describe()))
         if provenance.get("created"):
             parts.append(_("created {when}").format(when=provenance["created"]))
         if provenance.get("training_slices"):
@@ -720,8 +744,8 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
     def exportSegmentation(self, segmentationNode, path: Path) -> Path:
         return self.sceneOps().export_segmentation(segmentationNode, path)
 
-    def importSegmentation(self, path: Path, segmentationNode, volumeNode) -> None:
-        self.sceneOps().import_segmentation(path, segmentationNode, volumeNode)
+    def importSegmentation(self, path: Path, segmentationNode, volumeNode, labelSet: LabelSet | None = None) -> None:
+        self.sceneOps().import_segmentation(path, segmentationNode, volumeNode, labelSet or FLARE22)
 
     def placeBeside(self, node, volumeNode) -> None:
         self.sceneOps().place_beside(node, volumeNode)
@@ -735,11 +759,12 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
 
     # --- annotation ---
 
-    def prepareAnnotation(self, volumeNode, segmentationNode=None):
-        """A segmentation with all 13 organ segments (missing ones added empty, with terminology), ready to paint."""
+    def prepareAnnotation(self, volumeNode, segmentationNode=None, labelSet: LabelSet | None = None):
+        """A segmentation with a segment for every organ of `labelSet` (default: FLARE22's 13; missing ones added empty, with
+        terminology), ready to paint."""
         if volumeNode is None:
             raise ValueError(_("Select a CT volume first."))
-        return self.sceneOps().prepare_annotation(volumeNode, segmentationNode)
+        return self.sceneOps().prepare_annotation(volumeNode, segmentationNode, labelSet or FLARE22)
 
     @staticmethod
     def openSegmentEditor(segmentationNode, volumeNode) -> None:
@@ -748,9 +773,10 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         editor.setSegmentationNode(segmentationNode)
         editor.setSourceVolumeNode(volumeNode)
 
-    def annotationStatus(self, segmentationNode, volumeNode) -> dict:
-        """Annotated axial slices, organs painted on them and unmatched segment names (numpy only: runs before any install)."""
-        return self.sceneOps().annotation_status(segmentationNode, volumeNode)
+    def annotationStatus(self, segmentationNode, volumeNode, labelSet: LabelSet | None = None) -> dict:
+        """Annotated axial slices, organs (of `labelSet`, default FLARE22's) painted on them and unmatched segment names
+        (numpy only: runs before any install)."""
+        return self.sceneOps().annotation_status(segmentationNode, volumeNode, labelSet or FLARE22)
 
     @staticmethod
     def writtenLabelsFolder() -> Path:
@@ -780,9 +806,10 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         statisticsLogic.computeStatistics()
         segmentation = segmentationNode.GetSegmentation()
         names = {i: scene.segment_name_and_terminology(segmentation, i) for i in segmentation.GetSegmentIDs()}
-        rows, absent = statistics.organ_volumes(statisticsLogic.getStatistics(), names)
+        labelSet = model_cards.label_set(self.lastSegmentModel)  # the organs the segmenting model labels
+        rows, absent = statistics.organ_volumes(statisticsLogic.getStatistics(), names, labelSet)
         card = model_cards.find_card(self.lastSegmentModel) if self.lastSegmentModel else None
-        return statistics.describe_volumes(rows, absent, card, self.lastWarnings)
+        return statistics.describe_volumes(rows, absent, card, self.lastWarnings, labelSet)
 
     # --- background runs ---
 
@@ -856,7 +883,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
                 if not end.ok:
                     message = f"{_('Segmenting')} {end.describe()}"
                 else:
-                    self.importSegmentation(result, segmentationNode, volumeNode)
+                    self.importSegmentation(result, segmentationNode, volumeNode, model_cards.label_set(model))
                     self.placeBeside(segmentationNode, volumeNode)
                     segmentationNode.SetAttribute(UNCERTAINTY_ATTRIBUTE, report.read_text(encoding="utf-8"))
                     self.lastJob = "segment"
@@ -893,10 +920,11 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Select a CT volume and the annotation segmentation first."))
         if self.jobs.busy:
             raise RuntimeError(_("DiffusionSeg is already running; wait for it or cancel it first."))
-        status = self.annotationStatus(annotationNode, volumeNode)  # what the engine will take from the exported files
+        labelSet = settings.new_label_set()  # the organs the new model labels: the annotation's segments are read as those
+        status = self.annotationStatus(annotationNode, volumeNode, labelSet)  # what the engine will take from the exported files
         if status["unmatched"]:
-            raise ValueError(_("Rename or delete the segments that match none of the 13 organs before fine-tuning: {names}").format(
-                names=", ".join(status["unmatched"])))
+            raise ValueError(_("Rename or delete the segments that match none of {organs} before fine-tuning: {names}").format(
+                organs=labelSet.describe(), names=", ".join(status["unmatched"])))
         if not status["slices"]:
             raise ValueError(_("No annotated slice yet: paint at least one organ on one axial slice."))
         if not status["organs"]:
@@ -909,7 +937,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         folder = self.workFolder("finetune")
         result, report = folder / "result.seg.nrrd", folder / "uncertainty.json"
         self.logCallback(_("Fine-tuning on {count} annotated slices. {plan}").format(
-            count=len(status["slices"]), plan=annotation.describe_organ_plan(status["organs"], settings.starting_segmentor())))
+            count=len(status["slices"]), plan=annotation.describe_organ_plan(status["organs"], settings.starting_segmentor(), labelSet)))
         started = time.monotonic()
 
         def done(end: JobEnd) -> None:
@@ -920,7 +948,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
                 else:
                     self.lastModel = output
                     self.logCallback(_("Saved the fine-tuned model {name} in {path}").format(name=name or folderName, path=output))
-                    self.sceneOps().write_back(volumeNode, annotationNode, result, status["slices"], report, writtenOutput)
+                    self.sceneOps().write_back(volumeNode, annotationNode, result, status["slices"], report, writtenOutput, labelSet)
                     self.lastJob = "finetune"
                     ok, message = True, _("Fine-tuned and segmented in {seconds:.0f} s; your {count} annotated slices were kept.").format(
                         seconds=time.monotonic() - started, count=len(status["slices"]))

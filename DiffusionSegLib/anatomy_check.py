@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .organs import ORGANS
+from .organs import FLARE22, LabelSet
 from .preprocessing import canonical_axes
 
 BODY_HU = -500.0  # denser than this: tissue (air and lung are below)
@@ -70,8 +70,13 @@ def lung_base(fractions: np.ndarray, spacing: float) -> int | None:
     return None
 
 
-def anatomy_warnings(ct: sitk.Image, labelmap: sitk.Image) -> list[str]:
-    """Warnings, each saying what looks wrong and what to do; [] when the scan and the organs look abdominal."""
+def anatomy_warnings(ct: sitk.Image, labelmap: sitk.Image, label_set: LabelSet = FLARE22) -> list[str]:
+    """Warnings, each saying what looks wrong and what to do; [] when the scan and the organs look abdominal.
+
+    The checks know FLARE22's abdominal organs (and were measured on them): a model of another label set gets none.
+    """
+    if label_set != FLARE22:
+        return []
     fractions, spacing = lung_fractions(ct)
     base = lung_base(fractions, spacing)
     if base is None:  # no lungs: an abdomen or pelvis scan, nothing above the diaphragm to confuse
@@ -84,10 +89,11 @@ def anatomy_warnings(ct: sitk.Image, labelmap: sitk.Image) -> list[str]:
             "abdominal CT; organs it reports in the chest are likely wrong (the heart taken for the liver). Check every organ, or "
             "segment a scan that covers the abdomen")
     labels, _ = _superior_posterior_left(labelmap, sitk.GetArrayViewFromImage(labelmap))
-    per_slice = np.stack([np.bincount(plane.ravel(), minlength=len(ORGANS) + 1)[: len(ORGANS) + 1] for plane in labels])
+    classes = FLARE22.num_classes
+    per_slice = np.stack([np.bincount(plane.ravel(), minlength=classes)[:classes] for plane in labels])
     chest = np.flatnonzero((fractions >= CHEST_FRACTION) & (np.arange(len(fractions)) >= base))
     voxel_ml = float(np.prod(ct.GetSpacing())) / 1000.0
-    for organ in ORGANS:
+    for organ in FLARE22:
         if organ.name in _THROUGH_CHEST:
             continue
         total = int(per_slice[:, organ.label].sum())

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .organs import NUM_CLASSES, ORGANS
+from .organs import FLARE22, LabelSet
 from .preprocessing import PreprocessingSpec, labels_to_model_space, to_model_space
 
 
@@ -26,9 +26,8 @@ def annotated_input_slices(labels: sitk.Image, slice_axis: int) -> list[int]:
     return [int(i) for i in np.flatnonzero(array.any(axis=other))]
 
 
-def organs_in(labels: np.ndarray) -> list[str]:
-    present = set(np.unique(labels).tolist())
-    return [o.name for o in ORGANS if o.label in present]
+def organs_in(labels: np.ndarray, label_set: LabelSet = FLARE22) -> list[str]:
+    return label_set.names(np.unique(labels).tolist())
 
 
 def labelled_organs(labels: sitk.Image | np.ndarray) -> set[int]:
@@ -40,12 +39,14 @@ def labelled_organs(labels: sitk.Image | np.ndarray) -> set[int]:
 @dataclass
 class TrainingSlices:
     images: torch.Tensor  # K x 1 x S x S float32 in [-1, 1]
-    labels: torch.Tensor  # K x S x S int64 FLARE22 ids
+    labels: torch.Tensor  # K x S x S int64 ids of `label_set`
     sources: list[tuple[int, int]]  # (volume number, input slice index) per training slice
     organ_sets: list[set[int]] = field(default_factory=list)  # per volume: the organ ids its labels cover
+    label_set: LabelSet = FLARE22  # the organs the ids stand for
 
-    def labelled(self, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    def labelled(self, num_classes: int | None = None) -> torch.Tensor:
         """K x C bool: the classes labelled on each training slice (what `finetune` takes as `labelled`)."""
+        num_classes = self.label_set.num_classes if num_classes is None else num_classes
         sets = [self.organ_sets[n] if self.organ_sets else None for n, _ in self.sources]
         mask = torch.ones(len(sets), num_classes, dtype=torch.bool)
         for row, organs in enumerate(sets):
@@ -55,22 +56,23 @@ class TrainingSlices:
         return mask
 
     def unlabelled_organs(self) -> list[str]:
-        """Organs left unlabelled by at least one volume that has training slices, FLARE22 order."""
+        """Organs left unlabelled by at least one volume that has training slices, in the label set's order."""
         used = {n for n, _ in self.sources}
-        missing = set().union(*(set(range(1, NUM_CLASSES)) - self.organ_sets[n] for n in used)) if self.organ_sets and used else set()
-        return [o.name for o in ORGANS if o.label in missing]
+        every = set(self.label_set.labels)
+        missing = set().union(*(every - self.organ_sets[n] for n in used)) if self.organ_sets and used else set()
+        return self.label_set.names(missing)
 
     def summary(self) -> dict:
-        summary = {"slices": len(self.sources), "organs": organs_in(self.labels.numpy())}
+        summary = {"slices": len(self.sources), "organs": organs_in(self.labels.numpy(), self.label_set)}
         if unlabelled := self.unlabelled_organs():
-            summary["labelled_organs"] = [[o.name for o in ORGANS if o.label in organs] for organs in self.organ_sets]
+            summary["labelled_organs"] = [self.label_set.names(organs) for organs in self.organ_sets]
             summary["unlabelled_organs"] = unlabelled
         return summary
 
 
 def training_slices(pairs: list[tuple[sitk.Image, sitk.Image]], spec: PreprocessingSpec,
-                    organ_sets: list[set[int] | None] | None = None) -> TrainingSlices:
-    """Model-space images and labels of the annotated slices of each (ct, labels) pair.
+                    organ_sets: list[set[int] | None] | None = None, label_set: LabelSet = FLARE22) -> TrainingSlices:
+    """Model-space images and labels (ids of `label_set`) of the annotated slices of each (ct, labels) pair.
 
     `organ_sets[n]` declares the organ ids pair n labels (its labels must hold no other); None, or
     no list, takes the organs with any voxel in its labels.
@@ -82,7 +84,7 @@ def training_slices(pairs: list[tuple[sitk.Image, sitk.Image]], spec: Preprocess
     for number, (ct, labelmap) in enumerate(pairs):
         present = labelled_organs(labelmap)
         if declared[number] is not None and present - declared[number]:
-            extra = [o.name for o in ORGANS if o.label in present - declared[number]]
+            extra = label_set.names(present - declared[number])
             raise ValueError(f"labelled CT {number + 1} holds {', '.join(extra)}, which its declared organs leave out")
         sets.append(present if declared[number] is None else set(declared[number]))
         volume = to_model_space(ct, spec)
@@ -93,10 +95,11 @@ def training_slices(pairs: list[tuple[sitk.Image, sitk.Image]], spec: Preprocess
             labels.append(model_labels[k])
             sources.append((number, index))
     if not sources:
-        return TrainingSlices(torch.zeros(0, 1, spec.size, spec.size), torch.zeros(0, spec.size, spec.size, dtype=torch.long), [], sets)
+        return TrainingSlices(torch.zeros(0, 1, spec.size, spec.size), torch.zeros(0, spec.size, spec.size, dtype=torch.long), [], sets, label_set)
     return TrainingSlices(
         images=torch.from_numpy(np.stack(images))[:, None],
         labels=torch.from_numpy(np.stack(labels)).long(),
         sources=sources,
         organ_sets=sets,
+        label_set=label_set,
     )

@@ -31,11 +31,22 @@ from .finetune import FinetuneConfig
 from .imageio import check_output_path, check_writable, read_ct, read_labels, write_labelmap
 from .inference import segment_ct
 from .metrics import organ_overlap
-from .models import CARD_FILE, ModelCard, finetune_destination, list_models, load_segmentor, portable_path, resolve_model, save_model, user_models_dir
-from .organs import ORGANS, parse_organs
+from .models import (
+    CARD_FILE,
+    ModelCard,
+    finetune_destination,
+    list_models,
+    load_segmentor,
+    portable_path,
+    read_card,
+    resolve_model,
+    save_model,
+    user_models_dir,
+)
+from .organs import FLARE22, LabelSet, read_label_set
 from .preview import write_preview
 from .progress import MODES, Progress
-from .recipe import TrainingCT, build_segmentor, check_adapt, finetune_model, new_segmentor
+from .recipe import TrainingCT, build_segmentor, check_adapt, default_base, finetune_model, new_segmentor
 from .seg_nrrd import is_slicer_segmentation, segment_organs
 from .segmentor import Segmentor
 from .statistics import add_trust, organ_statistics, statistics_table, write_statistics
@@ -108,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="fine-tune a model on annotated axial slices and save it")
     ft.add_argument("--image", action="append", required=True, help="CT (repeat with --labels for several CTs) (required)")
-    ft.add_argument("--labels", action="append", required=True, help="labelmap on the image grid (FLARE22 ids) or .seg.nrrd (required)")
+    ft.add_argument("--labels", action="append", required=True,
+                    help="labelmap on the image grid (ids of the label set: FLARE22's by default) or .seg.nrrd (required)")
     ft.add_argument("--organs", action="append", metavar="LIST",
                     help="organs the matching --labels labels (comma-separated names or ids, or 'all'), once per --labels or once for all; "
                          "on its annotated slices an unlabelled voxel is then taken as background or one of the organs not listed, so "
@@ -117,11 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("-o", "--output", required=True, metavar="NAME_OR_FOLDER",
                     help="a bare name (no path separator) saves the model in your models folder, listed by 'diffusionseg models' and usable as "
                          "'--model NAME' from anywhere; a path (or an existing folder) is written where given (required)")
-    ft.add_argument("--base", help="pretrained (or segmentation) model name or folder (default: the bundled pretrained model)")
+    ft.add_argument("--base", help="pretrained or segmentation model name or folder to start from (default: the bundled segmentation "
+                    "model, continued; the bundled pretrained model with --strategy fs, --head, --preset or --adapt)")
     ft.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY, help=f"{strategy_summaries()} (default: %(default)s)")
     ft.add_argument("--preset", choices=sorted(PRESETS), help="architecture for --strategy fs without --base, at its native slice size "
                     "(default: the bundled pretrained model's architecture and preprocessing, so FS and FT-dec see the same pixels)")
     ft.add_argument("--head", type=_head_width, help="head hidden width, e.g. h128 or h256 (default: by preset)")
+    ft.add_argument("--label-set", metavar="FILE_OR_MODEL",
+                    help="the organs the new model labels: a JSON label set (docs/label-sets.md; an nnU-Net dataset.json's labels also "
+                         "work) or a model whose set to take; a segmentation model as base with another set gives its backbone, with a "
+                         "new head (default: the base model's set, FLARE22's 13 organs for the bundled models)")
     ft.add_argument("--config", help="JSON file of fine-tuning settings (loss weights, optimiser, augmentation); flags override it (default: none)")
     _add_finetune_flags(ft)
     ft.add_argument("--timestep", type=int, help="diffusion timestep fed to the network (default: 0)")
@@ -137,11 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     rf = sub.add_parser("refine", help="one annotate-and-fine-tune round, as 3D Slicer's Fine-tune runs it: fine-tune on the annotated slices of "
                         "an annotation, segment the CT with the new model and merge the annotated slices back as painted")
     rf.add_argument("--image", required=True, help="CT: NIfTI, NRRD, MHA file or a DICOM series folder (required)")
-    rf.add_argument("--annotation", required=True, help="the annotation on the CT's grid: a Slicer .seg.nrrd or a labelmap of FLARE22 ids (required)")
+    rf.add_argument("--annotation", required=True,
+                    help="the annotation on the CT's grid: a Slicer .seg.nrrd or a labelmap of the label set's ids (FLARE22's by default) (required)")
     rf.add_argument("-o", "--output", required=True, metavar="NAME_OR_FOLDER",
                     help="the fine-tuned model, as for finetune: a bare name saves it in your models folder, a path where given (required)")
     rf.add_argument("--result", required=True, help="the new model's segmentation of the CT with the annotated slices exactly as painted: "
-                    ".seg.nrrd (all 13 organ segments) or a .nii.gz/.nrrd/.mha labelmap (required)")
+                    ".seg.nrrd (a segment for every organ of the label set) or a .nii.gz/.nrrd/.mha labelmap (required)")
     rf.add_argument("--uncertainty", metavar="FILE.json",
                     help="also write the new model's per-axial-slice uncertainty to this JSON file (default: not written)")
     rf.add_argument("--recorded-slices", metavar="LIST",
@@ -162,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pred", required=True, help="predicted labelmap or .seg.nrrd (required)")
     ev.add_argument("--ref", required=True, help="reference labelmap or .seg.nrrd on the same grid (required)")
     ev.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file (default: not written)")
+    ev.add_argument("--label-set", metavar="FILE_OR_MODEL",
+                    help="the organs the labelmaps' ids stand for: a JSON label set or a model whose set to take (default: FLARE22's 13 organs)")
 
     ls = sub.add_parser("models", help="list bundled and user models")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table (default: off)")
@@ -197,16 +217,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
         labelmap = segment_ct(ct, segmentor, card.preprocessing, device, args.batch_size, progress, cleanup=cleanup)
     progress.start("write", 1)
     # Computed before anything is written: a failure here leaves no output at all.
-    statistics = {"image": str(args.image), "model": card.name, **organ_statistics(ct, labelmap)}
-    add_trust(statistics, card.to_dict(), anatomy_warnings(ct, labelmap))
+    label_set = card.label_set
+    statistics = {"image": str(args.image), "model": card.name, **organ_statistics(ct, labelmap, label_set)}
+    add_trust(statistics, card.to_dict(), anatomy_warnings(ct, labelmap, label_set))
     table = statistics_table(statistics)
-    writes = [(output, lambda: write_labelmap(labelmap, output))]
+    writes = [(output, lambda: write_labelmap(labelmap, output, label_set=label_set))]
     if args.uncertainty:
         writes.append((Path(args.uncertainty), lambda: write_report(report, args.uncertainty)))
     if args.statistics:
         writes.append((Path(args.statistics), lambda: write_statistics(statistics, args.statistics)))
     if args.preview:
-        writes.append((Path(args.preview), lambda: write_preview(ct, labelmap, args.preview, title=Path(args.image).name)))
+        writes.append((Path(args.preview), lambda: write_preview(ct, labelmap, args.preview, title=Path(args.image).name, label_set=label_set)))
     written = _write_all(writes)
     progress.advance()
     progress.finish()
@@ -289,29 +310,39 @@ def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, help=f"{f.metadata['flag']} (default: {default})")
 
 
-def _declared_organs(args: argparse.Namespace) -> list[set[int] | None]:
-    """--organs, one per --labels (or one for all), parsed before any CT is read."""
+def _label_set(text: str | None) -> LabelSet | None:
+    """--label-set: a JSON file, or a model (name or folder) whose card's set to take; None when not given."""
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    if path.is_file():
+        return read_label_set(path)
+    return read_card(resolve_model(text, "segmentor")).label_set
+
+
+def _declared_organs(args: argparse.Namespace, label_set: LabelSet) -> list[set[int] | None]:
+    """--organs, one per --labels (or one for all), as ids of `label_set`, parsed before any CT is read."""
     given = args.organs or []
     if len(given) not in (0, 1, len(args.labels)):
         raise InputError(f"got {len(given)} --organs for {len(args.labels)} --labels; give one --organs per --labels, or one for all")
     try:
-        parsed = [parse_organs(text) for text in given]
+        parsed = [label_set.parse(text) for text in given]
     except ValueError as e:
         raise InputError(f"--organs {e}") from e
     return parsed * len(args.labels) if len(parsed) == 1 else parsed or [None] * len(args.labels)
 
 
-def _organ_set(declared: set[int] | None, labels: sitk.Image, path: str) -> set[int]:
+def _organ_set(declared: set[int] | None, labels: sitk.Image, path: str, label_set: LabelSet) -> set[int]:
     """The organs `labels` labels: as declared, else those it holds plus a .seg.nrrd's named (even empty) segments."""
     present = labelled_organs(labels)
     if declared is not None:
         if extra := present - declared:
-            names = ", ".join(o.name for o in ORGANS if o.label in extra)
+            names = ", ".join(label_set.names(extra))
             raise InputError(f"{path}: holds {names}, which its --organs leaves out; add them to --organs or erase them from the labels")
         return declared
     source = Path(path).expanduser()
     if source.is_file() and (source.name.lower().endswith(".seg.nrrd") or is_slicer_segmentation(source)):
-        present |= segment_organs(source)
+        present |= segment_organs(source, label_set)
     return present
 
 
@@ -325,15 +356,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = _finetune_config(args)
     check_adapt(args.strategy, args.adapt)
     device = resolve_device(args.device)
-    start = build_segmentor(args.base, args.strategy, args.head, args.timestep, args.preset)
-    declared = _declared_organs(args)
+    base = args.base if args.base is not None else default_base(args.strategy, args.head, args.adapt, args.preset, getattr(args, "label_set", None) is not None)
+    start = build_segmentor(base, args.strategy, args.head, args.timestep, args.preset, _label_set(args.label_set))
+    label_set = start.label_set
+    declared = _declared_organs(args, label_set)
     training = []
     for image_path, labels_path in zip(args.image, args.labels, strict=True):
         ct = read_ct(image_path)
-        training.append(TrainingCT(ct, read_labels(labels_path, ct), source={"image": portable_path(image_path), "labels": portable_path(labels_path)},
-                                   name=labels_path))
+        training.append(TrainingCT(ct, read_labels(labels_path, ct, label_set=label_set),
+                                   source={"image": portable_path(image_path), "labels": portable_path(labels_path)}, name=labels_path))
     for t, given in zip(training, declared, strict=True):
-        t.organs = _organ_set(given, t.labels, t.name)
+        t.organs = _organ_set(given, t.labels, t.name, label_set)
 
     progress = Progress(args.progress)
     segmentor, card = finetune_model(training, start, config, adapt_seconds=args.adapt, device=device, progress=progress,
@@ -347,9 +380,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    ref = read_labels(args.ref, None)
-    pred = read_labels(args.pred, ref)
-    metrics = organ_overlap(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref))
+    label_set = _label_set(args.label_set) or FLARE22
+    ref = read_labels(args.ref, None, label_set=label_set)
+    pred = read_labels(args.pred, ref, label_set=label_set)
+    metrics = organ_overlap(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref), label_set)
     metrics.update(pred=str(args.pred), ref=str(args.ref))
     for name, m in metrics["organs"].items():
         if m["ref_voxels"]:
@@ -382,11 +416,13 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from .refine import RefineOutputs, organ_list, refine, slice_list
 
     outputs = RefineOutputs.checked(args.output, args.result, uncertainty=args.uncertainty, written=args.written_output)
-    recorded, organs = slice_list(args.recorded_slices), organ_list(args.organs)
+    recorded = slice_list(args.recorded_slices)
     config = _finetune_config(args)
     check_adapt(args.strategy, args.adapt)
     device = resolve_device(args.device)
-    start = build_segmentor(args.base, args.strategy, args.head, args.timestep, args.preset)
+    base = args.base if args.base is not None else default_base(args.strategy, args.head, args.adapt, args.preset, getattr(args, "label_set", None) is not None)
+    start = build_segmentor(base, args.strategy, args.head, args.timestep, args.preset, _label_set(args.label_set))
+    organs = organ_list(args.organs, label_set=start.label_set)
     refine(args.image, args.annotation, outputs, recorded=recorded, written=args.written, organs=organs, base=start, config=config, name=args.name,
            half=args.half, device=device, progress=Progress(args.progress), adapt_seconds=args.adapt,
            fit_batch_size=args.batch_size is None and not args.config)

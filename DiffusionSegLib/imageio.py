@@ -23,7 +23,7 @@ from .errors import InputError
 from .grid_placement import different_grid, grid_differences, onto_reference, size_text
 from .label_values import integer_labels
 from .nifti_header import nifti_truncation
-from .organs import NUM_CLASSES
+from .organs import FLARE22, LabelSet
 from .seg_nrrd import is_slicer_segmentation, segmentation_to_labelmap, write_segmentation
 
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -54,6 +54,8 @@ def check_writable(path: str | Path, flag: str = "output", *, creates_folders: b
     folder = path.parent
     while creates_folders and not folder.exists() and folder != folder.parent:
         folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{flag} {path}: {folder} is not a folder; choose another path")
     if not folder.is_dir():
         raise InputError(f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
     try:
@@ -171,21 +173,23 @@ def read_ct(path: str | Path, series_uid: str | None = None) -> sitk.Image:
 # --- reading labels -------------------------------------------------------------------------------------
 
 
-def read_labels(path: str | Path, reference: sitk.Image | None = None, *, image_name: str | Path | None = None) -> sitk.Image:
-    """A uint8 FLARE22 labelmap from a labelmap file or a Slicer .seg.nrrd, on exactly `reference`'s grid.
+def read_labels(path: str | Path, reference: sitk.Image | None = None, *, image_name: str | Path | None = None,
+                label_set: LabelSet = FLARE22) -> sitk.Image:
+    """A uint8 labelmap of `label_set`'s ids (the model's; FLARE22's by default) from a labelmap file or a Slicer .seg.nrrd,
+    on exactly `reference`'s grid.
 
-    Labelmap files must hold ids 0-13 on the reference grid. A .seg.nrrd's segments are mapped to organs by
-    terminology or name (`match_organ`) and it may be cropped to the painted extent. Without a reference the
+    Labelmap files must hold the set's ids (0-13 for FLARE22) on the reference grid. A .seg.nrrd's segments are mapped
+    to the set's organs by terminology or name (`LabelSet.match`) and it may be cropped to the painted extent. Without a reference the
     labels keep their own grid (when comparing two labelmaps). `image_name` names the reference in messages;
     by default the path read_ct read it from.
     """
     path = Path(path).expanduser()
     is_segmentation = _suffix(path) == SEGMENTATION_SUFFIX or is_slicer_segmentation(path)
     if is_segmentation and path.is_file():
-        labels = segmentation_to_labelmap(path)
+        labels = segmentation_to_labelmap(path, label_set)
     else:
         image = _as_volume(_read_image(path), path, "a labelmap")
-        labels = sitk.GetImageFromArray(integer_labels(sitk.GetArrayViewFromImage(image), path))
+        labels = sitk.GetImageFromArray(integer_labels(sitk.GetArrayViewFromImage(image), path, label_set))
         labels.CopyInformation(image)
     if reference is None:
         return labels
@@ -203,11 +207,11 @@ def read_labels(path: str | Path, reference: sitk.Image | None = None, *, image_
 # --- writing --------------------------------------------------------------------------------------------
 
 
-def write_labelmap(labelmap: sitk.Image, path: str | Path, *, all_organs: bool = False) -> Path:
-    """Write a FLARE22 labelmap (ids 0-13) atomically, keeping its geometry; returns the path written.
+def write_labelmap(labelmap: sitk.Image, path: str | Path, *, all_organs: bool = False, label_set: LabelSet = FLARE22) -> Path:
+    """Write a labelmap of `label_set`'s ids (FLARE22's 0-13 by default) atomically, keeping its geometry; returns the path written.
 
-    `.seg.nrrd`: a Slicer segmentation, one named, coloured, terminology-coded segment per organ present
-    (all 13 with `all_organs`). `.nii.gz`, `.nii`, `.nrrd`, `.mha`, `.mhd`: a compressed uint8 labelmap.
+    `.seg.nrrd`: a Slicer segmentation, one segment per organ present, named, coloured and terminology-coded as the set
+    says (every organ of the set with `all_organs`). `.nii.gz`, `.nii`, `.nrrd`, `.mha`, `.mhd`: a compressed uint8 labelmap.
     """
     path = check_output_path(path)
     if labelmap.GetDimension() != 3 or labelmap.GetNumberOfComponentsPerPixel() != 1:
@@ -215,14 +219,14 @@ def write_labelmap(labelmap: sitk.Image, path: str | Path, *, all_organs: bool =
         raise ValueError(f"write_labelmap needs a scalar 3D labelmap, got {labelmap.GetDimension()}D with {components} components")
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(labelmap)
-    if stats.GetMinimum() < 0 or stats.GetMaximum() >= NUM_CLASSES:
-        raise ValueError(f"labelmap values {stats.GetMinimum():g}..{stats.GetMaximum():g} are not FLARE22 ids 0-13")
+    if stats.GetMinimum() < 0 or stats.GetMaximum() > len(label_set):
+        raise ValueError(f"labelmap values {stats.GetMinimum():g}..{stats.GetMaximum():g} are not {label_set.id_phrase()} 0-{len(label_set)}")
     labelmap = sitk.Cast(labelmap, sitk.sitkUInt8)
     for key in labelmap.GetMetaDataKeys():  # e.g. DICOM patient tags or NIfTI fields of a source image: not ours to copy
         labelmap.EraseMetaData(key)
     with atomic_path(path) as tmp:
         if _suffix(path) == SEGMENTATION_SUFFIX:
-            write_segmentation(labelmap, tmp, all_organs)
+            write_segmentation(labelmap, tmp, all_organs, label_set)
         else:
             sitk.WriteImage(labelmap, str(tmp), useCompression=True)
             # ITK's NIfTI writer does not notice a full disk: it leaves a truncated file without an error. Check before it takes the name.

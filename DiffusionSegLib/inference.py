@@ -84,7 +84,7 @@ def segment_ct(
     *,
     cleanup: bool = False,
 ) -> sitk.Image:
-    """A uint8 FLARE22 labelmap on exactly `ct`'s grid.
+    """A uint8 labelmap (ids of the model's label set) on exactly `ct`'s grid.
 
     `on_probabilities(probabilities, volume)` sees the model-space class probabilities before they are
     dropped (e.g. for an uncertainty report), so they are computed once. `cleanup`: drop stray islands

@@ -1,4 +1,4 @@
-"""Label value arrays: FLARE22 ids checked, counted and remapped without whole-volume copies."""
+"""Label value arrays: a label set's ids checked, counted and remapped without whole-volume copies."""
 
 from __future__ import annotations
 
@@ -7,24 +7,24 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .organs import NUM_CLASSES
+from .organs import FLARE22, LabelSet
 
 
-def integer_labels(array: np.ndarray, path: Path) -> np.ndarray:
-    """`array` as uint8 FLARE22 ids; InputError naming any value outside 0-13."""
+def integer_labels(array: np.ndarray, path: Path, label_set: LabelSet = FLARE22) -> np.ndarray:
+    """`array` as uint8 ids of `label_set`; InputError naming any value outside 0-N."""
+    top = len(label_set)
     if array.size == 0:
         return array.astype(np.uint8)
     if not np.issubdtype(array.dtype, np.integer):
         if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
-            raise InputError(f"{path}: label values are not whole numbers; pass a labelmap of FLARE22 ids 0-13 (or a Slicer .seg.nrrd)")
+            raise InputError(f"{path}: label values are not whole numbers; pass a labelmap of {label_set.id_phrase()} 0-{top} (or a Slicer .seg.nrrd)")
     low, high = array.min(), array.max()
-    if low < 0 or high >= NUM_CLASSES:
-        bad = np.unique(array[(array < 0) | (array >= NUM_CLASSES)])  # only the few bad voxels are sorted
+    if low < 0 or high > top:
+        bad = np.unique(array[(array < 0) | (array > top)])  # only the few bad voxels are sorted
         shown = ", ".join(f"{v:g}" for v in bad[:10].astype(float)) + (", ..." if bad.size > 10 else "")
         raise InputError(
-            f"{path}: label ids {shown} are outside 0-13; the labels must use FLARE22 ids (1 liver, 2 right kidney, 3 spleen, 4 pancreas, "
-            "5 aorta, 6 inferior vena cava, 7 right adrenal gland, 8 left adrenal gland, 9 gallbladder, 10 esophagus, 11 stomach, "
-            "12 duodenum, 13 left kidney); relabel them, or save them from Slicer as a .seg.nrrd with named segments"
+            f"{path}: label ids {shown} are outside 0-{top}; the labels must use {label_set.id_phrase()} ({label_set.listing(limit=40)}); "
+            "relabel them, or save them from Slicer as a .seg.nrrd with named segments"
         )
     return array.astype(np.uint8, copy=False)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .organs import ORGANS
+from .organs import FLARE22, LabelSet
 
 
-def organ_overlap(pred: np.ndarray, ref: np.ndarray) -> dict:
-    """Per-organ DSC and Jaccard, and their means over the organs present in the reference.
+def organ_overlap(pred: np.ndarray, ref: np.ndarray, label_set: LabelSet = FLARE22) -> dict:
+    """Per-organ DSC and Jaccard (organs of `label_set`, named as it names them), and their means over the organs present in the reference.
 
     An organ absent from both is left out (its overlap is undefined, not perfect). An organ only in the
     prediction is listed with DSC 0 but not averaged: a reference that labels some organs (or a scan
@@ -23,7 +23,7 @@ def organ_overlap(pred: np.ndarray, ref: np.ndarray) -> dict:
     codes = pred.astype(np.uint16).ravel() * np.uint16(n) + ref.astype(np.uint16).ravel()
     joint = np.bincount(codes, minlength=n * n).reshape(n, n)
     per_organ = {}
-    for organ in ORGANS:
+    for organ in label_set:
         k = organ.label
         inter = int(joint[k, k])
         p, r = int(joint[k].sum()), int(joint[:, k].sum())
@@ -42,6 +42,6 @@ def organ_overlap(pred: np.ndarray, ref: np.ndarray) -> dict:
         "mean_dsc": float(np.mean([v["dsc"] for v in values])) if values else None,
         "mean_jaccard": float(np.mean([v["jaccard"] for v in values])) if values else None,
         "reference_organs": [name for name, v in per_organ.items() if v["ref_voxels"]],
-        "absent_from_reference": [o.name for o in ORGANS if not joint[:, o.label].sum()],
+        "absent_from_reference": [o.name for o in label_set if not joint[:, o.label].sum()],
         "predicted_not_in_reference": [name for name, v in per_organ.items() if not v["ref_voxels"]],
     }

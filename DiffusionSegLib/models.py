@@ -26,7 +26,7 @@ from .bridge import model_cards as bridge_cards
 from .bridge.model_cards import BUNDLED_DIR, CARD_FILE, user_models_dir
 from .diffusion import GaussianDiffusion
 from .errors import InputError
-from .organs import ORGANS
+from .organs import FLARE22, LabelSet
 from .preprocessing import PreprocessingSpec
 from .segmentor import Segmentor
 from .unet import UNetConfig, UNetModel
@@ -69,7 +69,8 @@ def portable_path(path: str | Path) -> str:
 
 
 def label_table() -> list[dict]:
-    return [{"label": o.label, "name": o.name, "display_name": o.display_name, "color": list(o.color)} for o in ORGANS]
+    """The default card ``labels``: FLARE22's."""
+    return FLARE22.to_card()
 
 
 @dataclass
@@ -85,7 +86,7 @@ class ModelCard:
     timestep: int = 0
     preset: str | None = None
     name: str = ""
-    labels: list[dict] = field(default_factory=label_table)
+    labels: list[dict] = field(default_factory=label_table)  # the label set (`label_set`); segmentors have one class per entry + background
     provenance: dict = field(default_factory=dict)
     # Steps applied to the labelmap after segmentation, e.g. {"cleanup": true}; absent or {} means none.
     postprocessing: dict = field(default_factory=dict)
@@ -93,6 +94,11 @@ class ModelCard:
     # {} when no data with a restriction went in. A model fine-tuned from another keeps its base's entry.
     licence: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def label_set(self) -> LabelSet:
+        """The organs the model labels, from ``labels`` (FLARE22's for the bundled models); ValueError for a broken entry."""
+        return LabelSet.from_card(self.labels)
 
     @property
     def cleanup(self) -> bool:
@@ -125,6 +131,7 @@ class ModelCard:
             raise ValueError(f"kind must be one of {KINDS}, got {d.get('kind')!r}")
         if d["kind"] == "segmentor" and not d.get("head"):
             raise ValueError("a segmentor model needs a 'head' entry")
+        LabelSet.from_card(d.get("labels") or label_table())  # a broken label set is a broken card, said when it is read
         return cls(
             kind=d["kind"],
             unet=UNetConfig.from_dict(d["unet"]),
@@ -229,7 +236,7 @@ def load_segmentor(folder: str | Path) -> tuple[Segmentor, ModelCard]:
     card = read_card(folder)
     if card.kind != "segmentor":
         raise InputError(f"{folder}: is a {card.kind} model, not a segmentation model; fine-tune it first with 'diffusionseg finetune --base {folder}'")
-    segmentor = Segmentor(card.unet, card.head["width"], card.head.get("layers", 2), card.timestep)
+    segmentor = Segmentor(card.unet, card.head["width"], card.head.get("layers", 2), card.timestep, card.label_set.num_classes)
     _check_fits(segmentor, read_weights(folder), folder)
     return segmentor.eval(), card
 

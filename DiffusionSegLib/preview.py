@@ -6,7 +6,8 @@ both adrenal glands one colour, and liver, stomach and aorta near-identical reds
 Slicer's segment list a reader could not tell them apart. `PREVIEW_COLOURS` is a categorical palette
 whose colours are pairwise far apart in CIELAB (Testing/test_preview.py measures it); each organ is
 filled half-transparent over the CT and outlined in its full colour, and the legend shows that colour.
-The .seg.nrrd keeps Slicer's colours (`organs.py`), which Slicer users know.
+The .seg.nrrd keeps Slicer's colours (`organs.py`), which Slicer users know. Another label set takes the
+palette in its own order (its n-th label the n-th colour), and the legend its names.
 
 Rendered with numpy and Pillow (which scikit-image already installs), so it works in the plain
 install. Views are in the radiological layout (anterior up on axial, superior up on coronal, patient
@@ -24,7 +25,7 @@ import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_path
-from .organs import ORGANS
+from .organs import FLARE22, LabelSet
 
 PANEL = 256  # each view is fitted into a PANEL x PANEL square, physical aspect kept
 HEADER = 24  # title row above the views
@@ -63,7 +64,7 @@ def preview_size(num_axial: int = AXIAL_VIEWS) -> tuple[int, int]:
 
 
 def legend_swatch(row: int, num_views: int = AXIAL_VIEWS + 1) -> tuple[int, int]:
-    """Top-left pixel of the legend's colour square for its `row`-th organ (organs found, in FLARE22 order)."""
+    """Top-left pixel of the legend's colour square for its `row`-th organ (organs found, in the label set's order)."""
     return num_views * PANEL + 8, HEADER + 6 + row * LEGEND_ROW
 
 
@@ -81,10 +82,17 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+def preview_colour(label: int) -> tuple[int, int, int]:
+    """The picture's colour of label id `label` in any label set: FLARE22's `PREVIEW_COLOURS`, which another set's ids
+    (1-N, in order) take in turn."""
+    palette = list(PREVIEW_COLOURS.values())
+    return palette[(label - 1) % len(palette)]
+
+
 def _colours() -> np.ndarray:
     table = np.zeros((256, 3), np.float32)
-    for label, colour in PREVIEW_COLOURS.items():
-        table[label] = colour
+    for label in range(1, 256):
+        table[label] = preview_colour(label)
     return table
 
 
@@ -117,8 +125,9 @@ def _view(ct: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float) -> I
     return panel
 
 
-def render_preview(ct: sitk.Image, labels: sitk.Image, slices: Sequence[int] | None = None, title: str = "") -> Image.Image:
-    """The preview image of `labels` (FLARE22 ids, on the CT's grid) over `ct`.
+def render_preview(ct: sitk.Image, labels: sitk.Image, slices: Sequence[int] | None = None, title: str = "",
+                   label_set: LabelSet = FLARE22) -> Image.Image:
+    """The preview image of `labels` (ids of `label_set`, on the CT's grid) over `ct`, with the set's names in the legend.
 
     `slices` are axial indices of the LPS-reoriented volume (inferior first); by default
     `AXIAL_VIEWS` spread over the labelled range. The coronal view is the plane holding the most
@@ -149,19 +158,20 @@ def render_preview(ct: sitk.Image, labels: sitk.Image, slices: Sequence[int] | N
 
     x0 = len(views) * PANEL + 8
     draw.text((x0, 4), title or "organs", fill=TEXT, font=font)
-    found = [o for o in ORGANS if (lab == o.label).any()]
+    found = [o for o in label_set if (lab == o.label).any()]
     for row, organ in enumerate(found):
         x, y = legend_swatch(row, len(views))
-        draw.rectangle((x, y, x + SWATCH - 1, y + SWATCH - 1), fill=PREVIEW_COLOURS[organ.label])
+        draw.rectangle((x, y, x + SWATCH - 1, y + SWATCH - 1), fill=preview_colour(organ.label))
         draw.text((x + SWATCH + 6, y - 2), organ.display_name, fill=TEXT, font=font)
     if not found:
         draw.text((x0, HEADER + 4), "no organ found", fill=TEXT, font=font)
     return canvas
 
 
-def write_preview(ct: sitk.Image, labels: sitk.Image, path: str | Path, slices: Sequence[int] | None = None, title: str = "") -> Path:
+def write_preview(ct: sitk.Image, labels: sitk.Image, path: str | Path, slices: Sequence[int] | None = None, title: str = "",
+                  label_set: LabelSet = FLARE22) -> Path:
     """Render the preview and write it as PNG, atomically."""
-    image = render_preview(ct, labels, slices, title)
+    image = render_preview(ct, labels, slices, title, label_set)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return Path(path).expanduser()

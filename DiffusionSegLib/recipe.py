@@ -92,16 +92,17 @@ class Start:
         return "kept as the base model knows them" if self.continued else "not learned"
 
 
-def default_base(strategy: str, head: int | None = None, adapt_seconds: float = 0.0, preset: str | None = None) -> str | None:
+def default_base(strategy: str, head: int | None = None, adapt_seconds: float = 0.0, preset: str | None = None,
+                 own_label_set: bool = False) -> str | None:
     """The base a fine-tune starts from when none is given (None: the bundled pretrained model).
 
     The bundled segmentation model, continued, for a strategy that starts from trained weights: held out, four painted
     slices of a new patient refined from the segmentor (trained without that patient) beat the same slices refined from
     the pretrained model (docs/model-figures.md, leave-one-out). The pretrained model when the run asks for what only
-    a pretrained backbone has: a new head (`head`) or DDPM adaptation; for fs (or a `preset` of its own) only the
-    architecture is used, and the pretrained model's is the same.
+    a pretrained backbone has: a new head (`head`, or a label set of its own) or DDPM adaptation; for fs (or a
+    `preset` of its own) only the architecture is used, and the pretrained model's is the same.
     """
-    if not strategies.get(strategy).pretrained or head is not None or adapt_seconds > 0 or preset is not None:
+    if not strategies.get(strategy).pretrained or head is not None or adapt_seconds > 0 or preset is not None or own_label_set:
         return None
     return DEFAULT_SEGMENTOR
 

@@ -6,7 +6,7 @@ The user paints a few axial slices into a segmentation (Slicer's .seg.nrrd, or a
    the organs they label;
 2. fine-tunes with the recipe of ``diffusionseg finetune`` (`recipe.finetune_model`), the annotation as
    partial labels: its annotated slices are annotated for the organs painted on them and no others, so
-   an organ segment that exists but is empty (Slicer's annotation has all 13) teaches nothing, and the
+   an organ segment that exists but is empty (Slicer's annotation has every organ of the set) teaches nothing, and the
    organs not painted are kept from a segmentation model it starts from;
 3. segments the CT with the new model (`uncertainty.segment_with_uncertainty`);
 4. merges the annotated slices back exactly as painted (`writeback.merged_labels`);
@@ -18,7 +18,7 @@ The user paints a few axial slices into a segmentation (Slicer's .seg.nrrd, or a
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -32,16 +32,11 @@ from .finetune import FinetuneConfig
 from .imageio import check_output_path, check_writable, read_ct, read_labels, write_labelmap
 from .inference import segment_ct
 from .models import CARD_FILE, finetune_destination, portable_path, save_model
-from .organs import ORGANS, parse_organs
+from .organs import FLARE22, LabelSet
 from .progress import Progress
-from .recipe import Start, TrainingCT, finetune_model
+from .recipe import Start, TrainingCT, build_segmentor, finetune_model
 from .uncertainty import segment_with_uncertainty, write_report
 from .writeback import annotated_labels, merged_labels
-
-
-def _names(organs: Iterable[int]) -> list[str]:
-    chosen = set(organs)
-    return [o.name for o in ORGANS if o.label in chosen]
 
 
 def slice_list(text: str | None, flag: str = "--recorded-slices") -> list[int]:
@@ -55,12 +50,12 @@ def slice_list(text: str | None, flag: str = "--recorded-slices") -> list[int]:
     return sorted({int(item) for item in items})
 
 
-def organ_list(text: str | None, flag: str = "--organs") -> set[int] | None:
-    """Organ ids from a comma-separated list of names or ids, or "all" (None: not given); InputError naming `flag`."""
+def organ_list(text: str | None, flag: str = "--organs", label_set: LabelSet = FLARE22) -> set[int] | None:
+    """Ids of `label_set` from a comma-separated list of names or ids, or "all" (None: not given); InputError naming `flag`."""
     if text is None:
         return None
     try:
-        return parse_organs(text)
+        return label_set.parse(text)
     except ValueError as e:
         raise InputError(f"{flag} {e}") from e
 
@@ -102,35 +97,36 @@ class PaintedAnnotation:
     """The annotated slices of an annotation on its CT, and the organs they label."""
 
     ct: sitk.Image
-    labels: sitk.Image  # FLARE22 ids on the annotated slices, every other slice cleared; the CT's grid
+    labels: sitk.Image  # ids of `label_set` on the annotated slices, every other slice cleared; the CT's grid
     slices: list[int]  # annotated slice indices along `slice_axis` (the indices Slicer shows, from 0)
     slice_axis: int  # SimpleITK index axis of the axial slices
     labelled: set[int]  # the organ ids the annotated slices are annotated for
     source: str  # the annotation file, for messages and the model card
+    label_set: LabelSet = field(default=FLARE22)  # the model's organs
 
     @property
     def unlabelled(self) -> list[str]:
-        """Organs the annotation leaves unlabelled (FLARE22 names, table order)."""
-        return _names({o.label for o in ORGANS} - self.labelled)
+        """Organs the annotation leaves unlabelled (names, the label set's order)."""
+        return self.label_set.names(set(self.label_set.labels) - self.labelled)
 
     def describe(self) -> str:
         shown = ", ".join(map(str, self.slices[:20])) + (", ..." if len(self.slices) > 20 else "")
         return (f"{Path(self.source).name}: {len(self.slices)} annotated axial slices ({shown}; counted from 0), annotated for "
-                f"{', '.join(_names(self.labelled))}")
+                f"{', '.join(self.label_set.names(self.labelled))}")
 
 
 def read_annotation(image: str | Path, annotation: str | Path, *, recorded: Iterable[int] = (), written: str | Path | None = None,
-                    organs: set[int] | None = None, progress: Progress | None = None) -> PaintedAnnotation:
+                    organs: set[int] | None = None, progress: Progress | None = None, label_set: LabelSet = FLARE22) -> PaintedAnnotation:
     """The CT and the annotated slices of `annotation` (a .seg.nrrd or a labelmap on the CT's grid).
 
     A slice is annotated if it is in `recorded` (earlier rounds), or holds a label and, when `written` (the labels the
     last round wrote back) is given, differs from it. Its organs (`organs`, default: those painted on the annotated
     slices and those erased there since `written`; an empty segment does not count) are what the slices are annotated
     for; the others are left unlabelled. InputError for an annotation with no annotated slice, or whose annotated
-    slices hold no organ or an organ `organs` leaves out.
+    slices hold no organ or an organ `organs` leaves out. The annotation's segments are read as organs of `label_set`.
     """
     ct = read_ct(image)
-    current = read_labels(annotation, ct)
+    current = read_labels(annotation, ct, label_set=label_set)
     previous = None
     if written is not None:
         path = Path(written).expanduser()
@@ -139,16 +135,16 @@ def read_annotation(image: str | Path, annotation: str | Path, *, recorded: Iter
         previous = load_written_labels(path, sitk.GetArrayViewFromImage(current).shape)
         if previous is None and progress is not None:
             progress.message(f"--written {path}: not readable, or written for another CT grid; every slice with a label counts as annotated")
-    labels, summary = annotated_labels(ct, current, recorded, previous, annotation)
+    labels, summary = annotated_labels(ct, current, recorded, previous, annotation, label_set)
     present = labelled_organs(labels)
     if not present:
         raise InputError(f"{annotation}: the annotated slices ({', '.join(map(str, summary['slices'][:20]))}) hold no organ, only background; "
                          "paint at least one organ on one of them")
     if organs is not None and (extra := present - organs):
-        raise InputError(f"{annotation}: the annotated slices hold {', '.join(_names(extra))}, which --organs leaves out; add them to --organs "
+        raise InputError(f"{annotation}: the annotated slices hold {', '.join(label_set.names(extra))}, which --organs leaves out; add them to --organs "
                          "or erase them from the annotation")
-    labelled = set(organs) if organs is not None else {o.label for o in ORGANS if o.name in summary["organs"]}
-    return PaintedAnnotation(ct, labels, summary["slices"], summary["slice_axis"], labelled, str(annotation))
+    labelled = set(organs) if organs is not None else {o.label for o in label_set if o.name in summary["organs"]}
+    return PaintedAnnotation(ct, labels, summary["slices"], summary["slice_axis"], labelled, str(annotation), label_set)
 
 
 def merge(prediction: sitk.Image, painted: PaintedAnnotation) -> sitk.Image:
@@ -178,10 +174,14 @@ def refine(
     `recorded`, `written`, `organs`: as `read_annotation`. `base`, `config` and `recipe_options` (head, timestep, preset,
     adapt_seconds, fit_batch_size) are `recipe.finetune_model`'s; `name` is recorded in the model card (default: the
     model folder's name), `half` stores the weights in float16. Nothing is written before everything has been computed.
+    The annotation is read as organs of the new model's label set (the base's, unless `base` is a `Start` built with another).
     """
     progress = progress or Progress("none")
     device = resolve_device(device) if isinstance(device, str) else device
-    painted = read_annotation(image, annotation, recorded=recorded, written=written, organs=organs, progress=progress)
+    if not isinstance(base, Start):
+        options = {k: recipe_options.pop(k, None) for k in ("head", "timestep", "preset")}
+        base = build_segmentor(base, (config or FinetuneConfig()).strategy, **options)
+    painted = read_annotation(image, annotation, recorded=recorded, written=written, organs=organs, progress=progress, label_set=base.label_set)
     progress.message(painted.describe())
     training = TrainingCT(painted.ct, painted.labels, organs=painted.labelled, source={"image": portable_path(image), "labels": portable_path(annotation)},
                           name=str(annotation))
@@ -200,7 +200,7 @@ def refine(
     writes = [(outputs.model, lambda: save_model(outputs.model, card, segmentor.state_dict(), half=half))]
     if outputs.uncertainty is not None:
         writes.append((outputs.uncertainty, lambda: write_report(report, outputs.uncertainty)))
-    writes.append((outputs.result, lambda: write_labelmap(merged, outputs.result, all_organs=True)))
+    writes.append((outputs.result, lambda: write_labelmap(merged, outputs.result, all_organs=True, label_set=painted.label_set)))
     if outputs.written is not None:
         writes.append((outputs.written, lambda: save_written_labels(sitk.GetArrayViewFromImage(merged), outputs.written)))
     done = _write_in_turn(writes)
@@ -209,7 +209,7 @@ def refine(
     progress.message(f"kept the {len(painted.slices)} annotated slices as painted; wrote {', '.join(map(str, done))}")
     return {
         "slices": painted.slices,
-        "labelled_organs": _names(painted.labelled),
+        "labelled_organs": painted.label_set.names(painted.labelled),
         "unlabelled_organs": painted.unlabelled,
         "model": outputs.model,
         "result": outputs.result,

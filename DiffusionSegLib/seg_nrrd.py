@@ -1,4 +1,4 @@
-"""Slicer `.seg.nrrd` segmentations: segments and layers to a FLARE22 labelmap, and a labelmap to segments.
+"""Slicer `.seg.nrrd` segmentations: segments and layers to a labelmap of a label set's ids (FLARE22's by default), and back.
 
 slicerio keeps voxels in (i, j, k) order with a 4 x 4 `ijkToLPS` matrix (columns: direction x spacing,
 then origin); SimpleITK arrays are (k, j, i), hence the transposes below.
@@ -16,13 +16,13 @@ import slicerio
 from .dicom import quiet_itk
 from .errors import InputError
 from .label_values import integer_labels, relabel, value_counts
-from .organs import ORGANS, match_organ, organ_by_label, terminology_entry
+from .organs import FLARE22, LabelSet, terminology_entry
 
 SEG_COMPRESSION = 6  # zlib's default level; 9 took ~20 % longer for ~15 % smaller files on a 512 x 512 x 336 labelmap
 
 
-def segmentation_to_labelmap(path: Path) -> sitk.Image:
-    """A .seg.nrrd as a FLARE22 labelmap on its own (possibly cropped) grid."""
+def segmentation_to_labelmap(path: Path, label_set: LabelSet = FLARE22) -> sitk.Image:
+    """A .seg.nrrd as a labelmap of `label_set`'s ids on its own (possibly cropped) grid."""
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as e:  # slicerio/pynrrd raise many kinds of errors for broken or foreign files
@@ -36,13 +36,13 @@ def segmentation_to_labelmap(path: Path) -> sitk.Image:
     segments = segmentation.get("segments") or []
 
     if not segments:
-        # A plain labelmap saved under a .seg.nrrd name: its values are taken as FLARE22 ids.
-        labels = integer_labels(np.maximum.reduce(layers), path)
+        # A plain labelmap saved under a .seg.nrrd name: its values are taken as the set's ids.
+        labels = integer_labels(np.maximum.reduce(layers), path, label_set)
     else:
         counts = [value_counts(layer) for layer in layers]
         # Slicer before 4.11 wrote one binary layer per segment, without Layer/LabelValue fields.
         one_per_layer = len(segments) == len(layers) > 1 and not any("layer" in s or "labelValue" in s for s in segments)
-        organ_of: list[dict[int, int]] = [{} for _ in layers]  # per layer: label value -> FLARE22 id
+        organ_of: list[dict[int, int]] = [{} for _ in layers]  # per layer: label value -> the set's id
         unmatched = []
         for number, segment in enumerate(segments):
             layer = number if one_per_layer else int(segment.get("layer", 0))
@@ -51,15 +51,17 @@ def segmentation_to_labelmap(path: Path) -> sitk.Image:
                 raise InputError(f"{path}: segment {segment.get('name')!r} is on layer {layer}, but the file has {len(layers)}; save it again from Slicer")
             if not counts[layer].get(value):
                 continue  # an empty segment adds nothing, whatever it is called (e.g. a "tumour" yet to be painted)
-            organ = match_organ(segment.get("name"), segment.get("terminology"))
+            organ = label_set.match(segment.get("name"), segment.get("terminology"))
             if organ is None:
                 unmatched.append(str(segment.get("name") or segment.get("id") or f"layer {layer} value {value}"))
             else:
                 organ_of[layer][value] = organ.label
         if unmatched:
+            shown = (1, 2, 6) if label_set == FLARE22 else label_set.labels[:3]
+            examples = ", ".join(repr(label_set.organ(label).display_name) for label in shown)
             raise InputError(
-                f"{path}: segments {', '.join(repr(n) for n in unmatched)} match none of the 13 FLARE22 organs; rename them in Slicer's "
-                "Segment Editor (e.g. 'Liver', 'Right kidney', 'Inferior vena cava'), pick the organ as terminology, or delete them"
+                f"{path}: segments {', '.join(repr(n) for n in unmatched)} match none of {label_set.describe()}; rename them in Slicer's "
+                f"Segment Editor (e.g. {examples}), pick the organ as terminology, or delete them"
             )
         labels = np.zeros(layers[0].shape, dtype=np.uint8)
         overlaps, written = 0, False
@@ -87,8 +89,8 @@ def segmentation_to_labelmap(path: Path) -> sitk.Image:
     return image
 
 
-def segment_organs(path: Path) -> set[int]:
-    """FLARE22 ids of the organs a .seg.nrrd has segments for, empty segments included.
+def segment_organs(path: Path, label_set: LabelSet = FLARE22) -> set[int]:
+    """Ids (of `label_set`) of the organs a .seg.nrrd has segments for, empty segments included.
 
     An empty "Pancreas" segment says the user labels the pancreas and found none on the painted slices;
     a segment that is no organ (a tumour) is not counted.
@@ -97,12 +99,12 @@ def segment_organs(path: Path) -> set[int]:
         segmentation = slicerio.read_segmentation(str(path), skip_voxels=True)
     except Exception as e:  # as in segmentation_to_labelmap: slicerio/pynrrd raise many kinds of errors
         raise InputError(f"{path}: cannot be read as a Slicer segmentation ({str(e)[:200]}); save it again from Slicer as .seg.nrrd") from e
-    organs = (match_organ(s.get("name"), s.get("terminology")) for s in segmentation.get("segments") or [])
+    organs = (label_set.match(s.get("name"), s.get("terminology")) for s in segmentation.get("segments") or [])
     return {organ.label for organ in organs if organ is not None}
 
 
 def is_slicer_segmentation(path: Path) -> bool:
-    """A Slicer segmentation saved under a plain .nrrd name: its label values are segment values, not FLARE22 ids."""
+    """A Slicer segmentation saved under a plain .nrrd name: its label values are segment values, not label ids."""
     if path.suffix.lower() not in (".nrrd", ".nhdr") or not path.is_file():
         return False
     reader = sitk.ImageFileReader()
@@ -130,17 +132,19 @@ def reference_geometry(image: sitk.Image) -> str:
     return "".join(f"{v + 0.0:.17g};" for v in ijk_to_ras.ravel()) + "".join(f"{v};" for v in extent)
 
 
-def segmentation_dict(labelmap: sitk.Image, all_organs: bool = False) -> dict:
-    """slicerio's segmentation structure for a FLARE22 labelmap: one segment per organ present, on layer 0.
+def segmentation_dict(labelmap: sitk.Image, all_organs: bool = False, label_set: LabelSet = FLARE22) -> dict:
+    """slicerio's segmentation structure for a labelmap of `label_set`'s ids: one segment per organ present, on layer 0.
 
-    Each segment's labelValue is the FLARE22 id, so the voxels are the labelmap itself. With `all_organs`,
+    Each segment's labelValue is the organ's id, so the voxels are the labelmap itself; names, colours and terminology
+    come from the set (an entry without terminology gets none: Slicer shows its generic one). With `all_organs`,
     absent organs get an empty segment too (a ready-to-paint template with the right names and terminology).
     """
     voxels = sitk.GetArrayFromImage(labelmap).astype(np.uint8, copy=False).transpose(2, 1, 0)  # i, j, k (Fortran-ordered view)
     present = set(value_counts(voxels))
-    organs = ORGANS if all_organs else [organ_by_label(v) for v in sorted(present - {0})]
-    segments = [
-        {
+    organs = label_set.organs if all_organs else [label_set.organ(v) for v in sorted(present - {0})]
+    segments = []
+    for organ in organs:
+        segment = {
             "id": f"Segment_{organ.label}",
             "name": organ.display_name,
             "nameAutoGenerated": False,  # keep our names if the user edits the terminology in Slicer
@@ -148,10 +152,10 @@ def segmentation_dict(labelmap: sitk.Image, all_organs: bool = False) -> dict:
             "colorAutoGenerated": False,
             "labelValue": organ.label,
             "layer": 0,
-            "terminology": terminology_entry(organ),
         }
-        for organ in organs
-    ]
+        if (terminology := terminology_entry(organ)) is not None:
+            segment["terminology"] = terminology
+        segments.append(segment)
     return {
         "voxels": voxels,
         "ijkToLPS": ijk_to_lps(labelmap),
@@ -169,6 +173,6 @@ def segmentation_dict(labelmap: sitk.Image, all_organs: bool = False) -> dict:
     }
 
 
-def write_segmentation(labelmap: sitk.Image, path: str | Path, all_organs: bool = False) -> None:
-    """Write a FLARE22 labelmap as a Slicer segmentation file (not atomically: give it a temporary path)."""
-    slicerio.write_segmentation(str(path), segmentation_dict(labelmap, all_organs), compression_level=SEG_COMPRESSION)
+def write_segmentation(labelmap: sitk.Image, path: str | Path, all_organs: bool = False, label_set: LabelSet = FLARE22) -> None:
+    """Write a labelmap of `label_set`'s ids as a Slicer segmentation file (not atomically: give it a temporary path)."""
+    slicerio.write_segmentation(str(path), segmentation_dict(labelmap, all_organs, label_set), compression_level=SEG_COMPRESSION)

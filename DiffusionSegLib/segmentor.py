@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import strategies
-from .organs import NUM_CLASSES
+from .organs import FLARE22
 from .strategies import DEFAULT_HEAD_LAYERS, PARTS
 from .strategies import STRATEGIES as STRATEGIES  # re-exported: the offered strategies, for callers that hold a segmentor
 from .unet import UNetConfig, UNetModel
@@ -38,7 +38,7 @@ class SegmentationHead(nn.Module):
     class the same logit and the same gradient to every upstream unit at the first step.
     """
 
-    def __init__(self, in_channels: int, hidden: int, num_classes: int = NUM_CLASSES, layers: int = DEFAULT_HEAD_LAYERS) -> None:
+    def __init__(self, in_channels: int, hidden: int, num_classes: int = FLARE22.num_classes, layers: int = DEFAULT_HEAD_LAYERS) -> None:
         super().__init__()
         groups = 32 if hidden % 32 == 0 else 8 if hidden % 8 == 0 else 1
         blocks: list[nn.Module] = []
@@ -75,7 +75,7 @@ class Segmentor(nn.Module):
         head_width: int,
         head_layers: int = DEFAULT_HEAD_LAYERS,
         timestep: int = 0,
-        num_classes: int = NUM_CLASSES,
+        num_classes: int = FLARE22.num_classes,
     ) -> None:
         super().__init__()
         self.unet = UNetModel(unet_config)

@@ -1,7 +1,7 @@
 """Per-organ statistics of a labelmap on its CT: volume, Hounsfield units, voxel count, slice range.
 
-The figures TotalSegmentator's ``--statistics`` gives, for the 13 FLARE22 organs. Every organ is
-listed, so a reader can tell "not found" (``present: false``) from "not segmented".
+The figures TotalSegmentator's ``--statistics`` gives, for each organ of the model's label set (FLARE22's 13 for
+the bundled models). Every organ is listed, so a reader can tell "not found" (``present: false``) from "not segmented".
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import SimpleITK as sitk
 
 from .atomic import write_text
 from .organ_trust import CHECK_BELOW, VOLUME_SOURCE, organ_trust
-from .organs import ORGANS
+from .organs import FLARE22, LabelSet
 from .preprocessing import canonical_axes
 
 
-def organ_statistics(ct: sitk.Image, labelmap: sitk.Image) -> dict:
-    """Statistics of each organ of `labelmap` (FLARE22 ids) over the CT voxels it covers.
+def organ_statistics(ct: sitk.Image, labelmap: sitk.Image, label_set: LabelSet = FLARE22) -> dict:
+    """Statistics of each organ of `label_set` (the model's) in `labelmap` (its ids) over the CT voxels it covers.
 
     Volumes are voxel count x voxel volume (no partial voxels). ``cut_off``: the organ reaches the first or
     last axial slice, so the scan may not hold all of it. The HU standard deviation is the
@@ -33,9 +33,9 @@ def organ_statistics(ct: sitk.Image, labelmap: sitk.Image) -> dict:
     labels = sitk.GetArrayViewFromImage(labelmap)  # [k, j, i]
     voxel_ml = math.prod(ct.GetSpacing()) / 1000.0  # mm^3 -> mL
     axial_axis = 2 - canonical_axes(ct.GetDirection())[0][2]  # array axis running head to feet
-    counts = np.bincount(labels.ravel().astype(np.int64, copy=False), minlength=len(ORGANS) + 1)
+    counts = np.bincount(labels.ravel().astype(np.int64, copy=False), minlength=label_set.num_classes)
     organs: dict[str, dict] = {}
-    for organ in ORGANS:
+    for organ in label_set:
         voxels = int(counts[organ.label]) if organ.label < len(counts) else 0
         entry: dict = {"label": organ.label, "present": voxels > 0, "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3)}
         if voxels:

@@ -1,7 +1,7 @@
 """Per-slice model uncertainty, to suggest which axial slice to annotate next (the engine side: computing it).
 
 A slice's uncertainty is the mean normalised entropy of the class probabilities (0: certain, 1: uniform over
-the 14 classes) over the pixels inside the body (CT above -500 HU), so air around the patient, where the
+the model's classes: 14 for FLARE22) over the pixels inside the body (CT above -500 HU), so air around the patient, where the
 model is trivially sure, does not dilute it. Slices are reported in the input image's slice indices along
 its axial axis, the indices the user sees in Slicer (and that ``annotated_input_slices`` uses). Reading the
 report and ranking slices is `DiffusionSegLib.bridge.uncertainty`, which Slicer loads without torch.

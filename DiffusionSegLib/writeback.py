@@ -27,6 +27,7 @@ from .bridge.annotation import (
 )
 from .errors import InputError
 from .imageio import read_ct, read_labels, write_labelmap
+from .organs import FLARE22, LabelSet
 
 
 def _array(image: sitk.Image) -> np.ndarray:
@@ -40,7 +41,7 @@ def _labelmap_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
 
 
 def annotated_labels(ct: sitk.Image, current: sitk.Image, recorded: Iterable[int] = (), written: np.ndarray | None = None,
-                     source: str | Path = "the annotation") -> tuple[sitk.Image, dict]:
+                     source: str | Path = "the annotation", label_set: LabelSet = FLARE22) -> tuple[sitk.Image, dict]:
     """The annotated slices of `current` (the annotation's labels on `ct`'s grid; all other slices cleared) and the
     annotation summary (slices, the organs they label, slice axis).
 
@@ -56,7 +57,7 @@ def annotated_labels(ct: sitk.Image, current: sitk.Image, recorded: Iterable[int
     slices = annotated_slices(labels, axis, written, recorded)
     if not slices:
         raise InputError(f"{source}: no annotated slice; paint at least one organ on one axial slice")
-    return _labelmap_like(keep_only(labels, slices, axis), ct), annotation_summary(labels, slices, axis, written)
+    return _labelmap_like(keep_only(labels, slices, axis), ct), annotation_summary(labels, slices, axis, written, label_set)
 
 
 def merged_labels(ct: sitk.Image, prediction: sitk.Image, painted: sitk.Image, slices: Iterable[int] | None = None) -> sitk.Image:
@@ -77,17 +78,18 @@ def prepare_annotation(
     output: str | Path,
     recorded: Iterable[int] = (),
     written_path: str | Path | None = None,
+    label_set: LabelSet = FLARE22,
 ) -> dict:
     """Write the annotated slices of a Slicer segmentation (all other slices cleared) for fine-tuning.
 
     `written_path`: the labels last written back (`save_written_labels`), if any. Returns the annotation
-    summary. InputError when no slice is annotated.
+    summary. InputError when no slice is annotated. Segments are read as organs of `label_set`.
     """
     ct = read_ct(ct_path)
-    current = read_labels(annotation_path, ct)
+    current = read_labels(annotation_path, ct, label_set=label_set)
     written = load_written_labels(written_path, _array(current).shape)
-    labels, summary = annotated_labels(ct, current, recorded, written, annotation_path)
-    write_labelmap(labels, output)
+    labels, summary = annotated_labels(ct, current, recorded, written, annotation_path, label_set)
+    write_labelmap(labels, output, label_set=label_set)
     return summary
 
 
@@ -98,8 +100,9 @@ def write_back(
     output: str | Path,
     slices: Iterable[int] | None = None,
     written_output: str | Path | None = None,
+    label_set: LabelSet = FLARE22,
 ) -> dict:
-    """The prediction with the painted slices kept, as a .seg.nrrd with all 13 organ segments.
+    """The prediction with the painted slices kept, as a .seg.nrrd with a segment for every organ of `label_set`.
 
     `painted_path` holds the annotated slices only (as `prepare_annotation` wrote them); `slices` are kept
     as painted, by default every slice with a label there (pass the summary's slices to keep a slice the
@@ -108,11 +111,11 @@ def write_back(
     output. Returns the summary.
     """
     ct = read_ct(ct_path)
-    painted = read_labels(painted_path, ct)
-    merged = merged_labels(ct, read_labels(prediction_path, ct), painted, slices)
-    write_labelmap(merged, output, all_organs=True)
+    painted = read_labels(painted_path, ct, label_set=label_set)
+    merged = merged_labels(ct, read_labels(prediction_path, ct, label_set=label_set), painted, slices)
+    write_labelmap(merged, output, all_organs=True, label_set=label_set)
     if written_output is not None:
         save_written_labels(_array(merged), written_output)
     axis = axial_axis(ct.GetDirection())
     painted_array = _array(painted)
-    return annotation_summary(painted_array, painted_slices(painted_array, axis) if slices is None else slices, axis)
+    return annotation_summary(painted_array, painted_slices(painted_array, axis) if slices is None else slices, axis, label_set=label_set)

@@ -43,9 +43,17 @@ def test_model_cards_say_what_data_how_long_which_hardware_and_the_metrics():
     while stage["base"]["kind"] == "segmentor":
         stage = stage["base"]["provenance"]
     assert stage["base"]["name"] == DEFAULT_PRETRAINED
-    assert {source["name"] for source in segmentor.provenance["data_sources"]} == {"abdomen-ct-a", "abdomen-ct-c"}
-    held_out = {key: value for key, value in segmentor.provenance["metrics"].items() if key.endswith("-all-ft-dec")}
-    assert held_out and all(ct != key.removesuffix("-all-ft-dec") for key, scores in held_out.items() for ct in scores)
+    labelled = {"abdomen-ct-a", "abdomen-ct-c", "abdomen-ct-ircadb01"}
+    assert {source["name"] for source in segmentor.provenance["data_sources"]} == labelled
+    assert segmentor.licence["use"] == "non-commercial"  # abdomen-ct-ircadb01 is CC BY-NC-ND 4.0
+    # The partial CT trained as partial: only its four organs are learned from it.
+    partial = next(d for d in segmentor.provenance["data"] if "ircadb01" in d["image"])
+    assert set(partial["labelled_organs"]) == {"liver", "right kidney", "spleen", "left kidney"}
+    held_out = segmentor.provenance["metrics"]["held_out"]  # leave one patient out over the three
+    assert set(held_out["patients"]) == labelled
+    assert all(name not in patient["trained_on"] for name, patient in held_out["patients"].items())
+    assert set(held_out["patients"]["abdomen-ct-ircadb01"]["organ_dsc"]) == {"liver", "right kidney", "spleen", "left kidney"}
+    assert held_out["organ_patients"]["liver"] == 3 and held_out["organ_patients"]["pancreas"] == 2
 
 
 def test_default_segmentation_of_the_labelled_ct(tmp_path):

@@ -111,6 +111,7 @@ def test_finetune_starts_from_the_bundled_segmentor_unless_it_needs_a_pretrained
     assert default_base("fs") is None  # architecture only: the pretrained model's
     assert default_base("ft-dec", head=128) is None and default_base("ft-dec", adapt_seconds=30) is None
     assert default_base("ft-dec", preset="tiny") is None
+    assert default_base("ft-dec", own_label_set=True) is None  # another label set needs a new head
 
 
 def test_finetune_without_base_continues_the_bundled_segmentor(tmp_path):

@@ -177,7 +177,7 @@ def test_refine_from_a_segmentation_model_keeps_the_organs_it_knew(case, tmp_pat
     ("slice outside", {"--recorded-slices": "99"}, "99 lie outside the CT's 14 axial slices"),
     ("no written file", {"--written": "missing.npz"}, "--written"),
     ("bad result name", {"--result": "result.png"}, "result.png"),
-    ("result folder missing", {"--result": "nowhere/result.seg.nrrd"}, "does not exist"),
+    ("result under a file", {"--result": "file/result.seg.nrrd"}, "is not a folder"),
     ("bad report name", {"--uncertainty": "u.txt"}, "--uncertainty"),
     ("bad written name", {"--written-output": "w.json"}, "--written-output"),
     ("model path is a file", {"-o": "file"}, "is not a DiffusionSeg model folder"),

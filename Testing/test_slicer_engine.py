@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from slicer_helpers import LAUNCHER, random_tiny_segmentor
 
-from DiffusionSegLib import atomic, models
+from DiffusionSegLib import atomic, models, orientation, strategies
 from DiffusionSegLib.bridge import commands, dependencies, model_cards, sample, statistics
 from DiffusionSegLib.bridge.annotation import (
     annotated_organs,
@@ -49,7 +49,6 @@ from DiffusionSegLib.devices import DEVICES
 from DiffusionSegLib.organs import ORGANS, terminology_string
 from DiffusionSegLib.preprocessing import Grid, ModelSpaceVolume, canonical_axes
 from DiffusionSegLib.progress import Progress
-from DiffusionSegLib.segmentor import STRATEGIES
 from DiffusionSegLib.uncertainty import body_mask, slice_entropy, uncertainty_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +57,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_command_constants_match_the_engine():
-    assert set(commands.STRATEGIES) == set(STRATEGIES)
-    assert set(commands.DEVICES) == set(DEVICES)
+    assert set(commands.DEVICES) == set(DEVICES)  # devices imports torch, so the bridge keeps a copy
+
+
+def test_finetune_settings_follow_the_strategy_table(monkeypatch):
+    """Settings accept the table's offered strategies, and what needs a pretrained backbone comes from its rows."""
+    assert commands.FinetuneSettings().strategy == strategies.DEFAULT_STRATEGY
+    for name in strategies.STRATEGIES:
+        pretrained = strategies.get(name).pretrained
+        assert (commands.FinetuneSettings(strategy=name, base="flare22-segmentor").starting_segmentor() is not None) == pretrained
+        if pretrained:
+            commands.FinetuneSettings(strategy=name, adapt_s=5.0)
+        else:
+            with pytest.raises(ValueError, match=f"{name} trains from random weights"):
+                commands.FinetuneSettings(strategy=name, adapt_s=5.0)
+    with pytest.raises(ValueError, match="choose one of ft-dec, lp, fs"):
+        commands.FinetuneSettings(strategy="lp-mlp")  # a benchmark variant, not offered
+    # a row added to the table is offered at once
+    extra = strategies.Strategy("ft-all", "FT-all", "all trained", "FT-all", "everything trained", pretrained=True, trains=strategies.PARTS, head_layers=2)
+    monkeypatch.setattr(strategies, "TABLE", (*strategies.TABLE, extra))
+    monkeypatch.setattr(commands, "STRATEGIES", (*strategies.STRATEGIES, "ft-all"))
+    assert commands.FinetuneSettings(strategy="ft-all", base="flare22-segmentor", adapt_s=1.0).starting_segmentor() == "flare22-segmentor"
 
 
 def test_segment_args():
@@ -380,7 +398,10 @@ def test_bridge_imports_with_only_the_standard_library_and_numpy():
     assert {"commands", "runner", "progress_parser", "dependencies", "annotation", "uncertainty", "model_cards"} <= set(found["modules"])
     assert found["third_party"] == []
     # the stdlib-only atomic writer (and its error class) and label table, nothing heavier
-    assert found["engine"] == ["DiffusionSegLib.atomic", "DiffusionSegLib.errors", "DiffusionSegLib.organ_trust", "DiffusionSegLib.organs"]
+    # the engine's stdlib/numpy-only homes (atomic writer, exit statuses, label sets, trust, slice axis, strategy table)
+    assert set(found["engine"]) <= {"DiffusionSegLib.atomic", "DiffusionSegLib.errors", "DiffusionSegLib.organ_trust", "DiffusionSegLib.organs",
+                                    "DiffusionSegLib.orientation", "DiffusionSegLib.strategies"}
+    assert {"DiffusionSegLib.strategies", "DiffusionSegLib.orientation", "DiffusionSegLib.organs"} <= set(found["engine"])
     assert "flare22-segmentor" in found["models"]  # listed without torch: Segment is clickable on a fresh install
 
 
@@ -623,7 +644,9 @@ def test_user_models_dir_without_platformdirs(monkeypatch, tmp_path):
 # --- the axial axis is the model's -----------------------------------------------------------------------------
 
 
-def test_axial_axis_agrees_with_preprocessing():
+def test_axial_axis_is_the_engines():
+    """One home: the bridge counts painted slices along the axis the engine's preprocessing slices along."""
+    assert axial_axis is orientation.axial_axis
     rng = np.random.default_rng(3)
     directions = [np.linalg.qr(rng.normal(size=(3, 3)))[0] for _ in range(300)]
     for permutation in ([0, 1, 2], [2, 0, 1], [1, 2, 0], [0, 2, 1]):
@@ -665,8 +688,8 @@ def test_prune_written_labels_keeps_what_is_used_or_recent(tmp_path):
     for path, days in ((old, 100), (in_use, 100), (legacy, 100), (other, 100), (partial, 2)):
         os.utime(path, (now - days * 86400, now - days * 86400))
     deleted = prune_written_labels(folder, keep=[in_use], now=now)
-    assert set(deleted) == {old, legacy, partial}
-    assert {p.name for p in folder.iterdir()} == {"recent.npz", "in-use.npz", "notes.txt", f".y.npz{atomic.TEMP_MARK}99-ef"}
+    assert set(deleted) == {old, partial}
+    assert {p.name for p in folder.iterdir()} == {"recent.npz", "in-use.npz", "legacy.nrrd", "notes.txt", f".y.npz{atomic.TEMP_MARK}99-ef"}
     assert prune_written_labels(tmp_path / "none") == []
 
 

@@ -35,6 +35,7 @@ EXPECTED_WIDGETS = {
     "modelComboBox": "QComboBox",
     "deviceComboBox": "QComboBox",
     "deviceWarningLabel": "QLabel",
+    "strategyComboBox": "QComboBox",
     "segmentButton": "QPushButton",
     "organVolumesLabel": "QLabel",
     "annotateButton": "QPushButton",
@@ -162,6 +163,23 @@ def test_finetune_defaults_in_slicer_follow_the_engine():
     assert int(spin.text) == FinetuneConfig.iterations
 
 
+def test_strategy_menu_follows_the_strategy_table():
+    """The panel offers the table's offered strategies, default first, and its tooltip is the table's."""
+    from DiffusionSegLib import strategies
+
+    strategy = next(c for c in module_tree().body if isinstance(c, ast.ClassDef) and c.name == "Strategy")
+    values = [ast.literal_eval(s.value) for s in strategy.body if isinstance(s, ast.Assign)]
+    assert tuple(values) == strategies.STRATEGIES and values[0] == strategies.DEFAULT_STRATEGY
+    assert ast.unparse(parameter_default_node(module_tree(), "strategy")) == "Strategy.FT_DEC"
+    tooltip = ET.parse(UI).getroot().find(".//widget[@name='strategyComboBox']/property[@name='toolTip']/string")
+    assert tooltip.text == strategies.tooltip()  # the module also sets it from the table at set-up
+
+
+def parameter_default_node(tree: ast.Module, name: str) -> ast.expr:
+    wrapped = next(c for c in tree.body if isinstance(c, ast.ClassDef) and c.name.endswith("ParameterNode"))
+    return next(s for s in wrapped.body if isinstance(s, ast.AnnAssign) and s.target.id == name).value
+
+
 def test_node_selectors_get_the_scene():
     root = ET.parse(UI).getroot()
     receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
@@ -233,7 +251,8 @@ def test_module_cmake_builds_and_tests_the_scripted_module():
 
 # Methods that run only in the self-test inside Slicer may import the engine; every job runs it in a child process.
 ENGINE_IMPORTS_ALLOWED_IN = {"test_DiffusionSegWorkflow"}
-LIGHT_MODULES = ("DiffusionSegLib.bridge", "DiffusionSegLib.organs")  # standard library and numpy only
+LIGHT_MODULES = ("DiffusionSegLib.bridge", "DiffusionSegLib.organs", "DiffusionSegLib.strategies", "DiffusionSegLib.errors",
+                 "DiffusionSegLib.orientation", "DiffusionSegLib.organ_trust")  # standard library and numpy only
 
 
 def test_module_imports_the_engine_only_after_installation():
@@ -246,7 +265,9 @@ def test_module_imports_the_engine_only_after_installation():
         for child in ast.iter_child_nodes(node):
             name = child.name if isinstance(child, ast.FunctionDef) else function
             modules = []
-            if isinstance(child, ast.ImportFrom) and child.module:
+            if isinstance(child, ast.ImportFrom) and child.module == "DiffusionSegLib":  # from DiffusionSegLib import strategies
+                modules = [f"{child.module}.{alias.name}" for alias in child.names]
+            elif isinstance(child, ast.ImportFrom) and child.module:
                 modules = [child.module]
             elif isinstance(child, ast.Import):
                 modules = [alias.name for alias in child.names]
@@ -456,7 +477,8 @@ def test_status_says_which_organs_are_learned_and_which_kept(monkeypatch):
     p.strategy, p.finetuneFrom, p.iterations, p.timeLimitMinutes, p.timestep, p.adaptSeconds = (
         module.Strategy.FT_DEC, module.FinetuneFrom.SELECTED, 160, 0.0, 0, 0)
     widget.refreshModels()  # selects the bundled segmentation model
-    widget.logic.annotationStatus = lambda node, volume: {"slices": [2, 5], "organs": ["liver", "spleen"], "slice_axis": 2, "unmatched": []}
+    widget.logic.annotationStatus = lambda node, volume, labelSet=None: {"slices": [2, 5], "organs": ["liver", "spleen"], "slice_axis": 2,
+                                                                         "unmatched": []}
     widget.updateAnnotationStatus()
     lines = widget.ui.annotationStatusLabel.text.splitlines()
     assert lines[0] == "2 annotated axial slices (3, 6)"
@@ -467,7 +489,7 @@ def test_status_says_which_organs_are_learned_and_which_kept(monkeypatch):
     widget.updateButtons()
     assert "Not learned" in widget.ui.annotationStatusLabel.text and "Kept from" not in widget.ui.annotationStatusLabel.text
 
-    def broken(node, volume):
+    def broken(node, volume, labelSet=None):
         raise RuntimeError("export failed")
 
     widget.logic.annotationStatus = broken
@@ -529,3 +551,57 @@ def test_finetune_is_one_refine_job_for_the_painted_organs(monkeypatch, tmp_path
     with pytest.raises(ValueError, match="my tumour"):
         logic.finetune(volume, node, module.commands.FinetuneSettings(), None, "cpu", lambda *r: results.append(r))
     assert len(started) == 1
+
+
+def test_the_panel_takes_the_organs_from_the_models_card(monkeypatch, tmp_path):
+    """A model with a label set of its own: the annotation gets its segments, painting is counted and fine-tuned as its
+    organs, and an organ of another set is refused naming the set (all read from model.json, without torch)."""
+    import json
+
+    import numpy as np
+    from slicer_helpers import random_tiny_segmentor
+
+    from DiffusionSegLib.bridge import model_cards
+    from DiffusionSegLib.organs import LabelSet
+
+    tumours = LabelSet.from_card([{"label": 1, "name": "tumour", "display_name": "Liver tumour", "color": [255, 0, 128]},
+                                  {"label": 2, "name": "liver"}])
+    folder = random_tiny_segmentor(tmp_path / "tumours", name="Tumours")
+    card = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**card, "labels": tumours.to_card()}))
+    module = load_module(monkeypatch, temporary=tmp_path)
+    slicer = sys.modules["slicer"]
+    settings = module.commands.FinetuneSettings(base=str(folder))
+    assert settings.new_label_set() == tumours == module.commands.FinetuneSettings(strategy="fs", label_set=str(folder)).new_label_set()
+    assert module.commands.FinetuneSettings().new_label_set() == model_cards.label_set("flare22-segmentor")
+
+    ct, labels = module.DiffusionSegTest.syntheticCT()
+    volume = slicer.util.addVolumeFromArray(ct, ijkToRAS=np.diag([-6.0, -6.0, 12.0, 1.0]), name="CT")
+    logic = module.DiffusionSegLogic()
+    logs, started = [], []
+    logic.logCallback = logs.append
+    node = logic.prepareAnnotation(volume, None, settings.new_label_set())
+    segmentation = node.GetSegmentation()
+    segments = [segmentation.GetSegment(i) for i in segmentation.GetSegmentIDs()]
+    assert [s.GetName() for s in segments] == ["Liver tumour", "Liver"]
+    assert segments[0].GetColor() == pytest.approx((1.0, 0.0, 128 / 255))
+    mask = np.zeros_like(labels)
+    mask[[3, 7]] = labels[[3, 7]] == 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, node, segmentation.GetSegmentIdBySegmentName("Liver tumour"), volume)
+    assert logic.annotationStatus(node, volume, tumours)["organs"] == ["tumour"]
+    monkeypatch.setattr(logic.jobs, "start_job", lambda lines, on_done, on_event=None, env=None: started.append((lines, on_done)))
+    logic.finetune(volume, node, settings, "mine", "cpu", lambda *r: None)
+    (lines, _), = started
+    args = lines[0][lines[0].index("DiffusionSegLib") + 1:]
+    assert dict(zip(args[1::2], args[2::2], strict=True))["--organs"] == "tumour"
+    assert any("Learned from your slices: Liver tumour. Kept from the starting model (Tumours): Liver." in line for line in logs)
+    # from random weights the selected model still names the organs: passed on as --label-set
+    fs = module.commands.FinetuneSettings(strategy="fs", label_set=str(folder))
+    assert module.commands.refine_args("ct.nrrd", "a.seg.nrrd", "m", "r.seg.nrrd", fs)[-2:] == ["--label-set", str(folder)]
+
+    spleen = segmentation.AddEmptySegment("spleen", "Spleen")  # a FLARE22 organ, not one of this model's
+    box = np.zeros_like(labels)
+    box[3, :4, :4] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(box, node, spleen, volume)
+    with pytest.raises(ValueError, match=r"match none of the label set's 2 labels \(1 tumour, 2 liver\) before fine-tuning: Spleen"):
+        logic.finetune(volume, node, settings, None, "cpu", lambda *r: None)

@@ -2,8 +2,10 @@
 
 The module must load, list models and count painted slices before torch, SimpleITK extras or slicerio are
 installed, and a broken torch must not stop the panel from appearing. So everything the module needs on
-its GUI path lives here and imports nothing beyond the standard library, numpy and the stdlib-only
-`DiffusionSegLib.organs` (a test imports this package with torch, SimpleITK and slicerio blocked):
+its GUI path lives here and imports nothing beyond the standard library, numpy and the engine's torch-free
+modules, each the one home of its concept: `organs` (the label sets), `strategies` (the strategy
+table), `errors` (exit statuses), `orientation` (the slice axis), `organ_trust` (held-out quality and volume
+ranges), `atomic` (a test imports this package with torch, SimpleITK and slicerio blocked and lists these):
 
 - `commands`: engine command lines, child environment, exit messages;
 - `runner`: the background engine process, cancelled as a whole process tree;

@@ -8,8 +8,9 @@ annotated and the labels it wrote; a slice counts as annotated if it was annotat
 from what was written (the user corrected it). Before any write-back every touched slice is annotated.
 
 Labels are partial: an annotated slice is annotated for the organs the user painted on any annotated slice
-(`annotated_organs`), not for all 13. An organ segment that exists but is empty (the annotation segmentation
-is prepared with all 13) labels nothing; the organs not labelled are kept from the model fine-tuning
+(`annotated_organs`), not for every organ of the model's label set (`organs.LabelSet`; FLARE22's 13 unless the model's
+card says otherwise). An organ segment that exists but is empty (the annotation segmentation is prepared with every
+organ of the set) labels nothing; the organs not labelled are kept from the model fine-tuning
 starts from when that is a segmentation model (`describe_organ_plan` words it for the panel).
 
 Arrays are SimpleITK order (k, j, i); `slice_axis` is the SimpleITK index axis (0 = i, 2 = k) that runs
@@ -29,31 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import atomic  # standard library only
-from ..organs import ORGANS, match_organ
+from ..organs import FLARE22, LabelSet
+from ..orientation import axial_axis as axial_axis  # numpy only: the slices painted here are the model's slices
 
 WRITTEN_SUFFIX = ".npz"
 WRITTEN_MAX_AGE_DAYS = 90  # a written-labels file the open scene does not use is deleted after this long unused
 PARTIAL_MAX_AGE_DAYS = 1  # a leftover of a killed writer (not a file another Slicer is writing right now)
-
-
-def axial_axis(direction: Sequence[float]) -> int:
-    """The index axis closest to the patient's superior-inferior axis (direction: LPS, row-major 3 x 3).
-
-    The same choice as ``preprocessing.canonical_axes`` makes (largest |cosine| first, each index axis used
-    once), so annotated slices here are the model's slices there; a test keeps the two in step.
-    """
-    d = np.abs(np.asarray(direction, dtype=float).reshape(3, 3))  # d[world, index axis]
-    taken_world: set[int] = set()
-    taken_index: set[int] = set()
-    for flat in np.argsort(-d, axis=None, kind="stable"):
-        world, index_axis = divmod(int(flat), 3)
-        if world in taken_world or index_axis in taken_index:
-            continue
-        if world == 2:
-            return index_axis
-        taken_world.add(world)
-        taken_index.add(index_axis)
-    raise ValueError(f"direction {tuple(direction)} has no superior axis")  # unreachable for a 3 x 3 matrix
 
 
 def lps_direction_from_ras(ras_directions: Sequence[Sequence[float]]) -> tuple[float, ...]:
@@ -107,20 +89,20 @@ def merge_keeping_painted(prediction: np.ndarray, painted: np.ndarray, slices: I
     return merged
 
 
-def segment_organ_ids(segments: Sequence[tuple[str | None, str | dict | None]]) -> list[int | None]:
-    """FLARE22 id of each (name, terminology) segment, None where it matches no organ.
+def segment_organ_ids(segments: Sequence[tuple[str | None, str | dict | None]], label_set: LabelSet = FLARE22) -> list[int | None]:
+    """The id in `label_set` of each (name, terminology) segment, None where it matches no organ of the set.
 
     Write-back replaces only the segments with an id and keeps the others (a tumour, a note) as they are.
     """
     ids = []
     for name, terminology in segments:
-        organ = match_organ(name, terminology)
+        organ = label_set.match(name, terminology)
         ids.append(None if organ is None else organ.label)
     return ids
 
 
 def organ_labels(values: np.ndarray, organ_ids: Sequence[int | None]) -> tuple[np.ndarray, list[int]]:
-    """A segment-value labelmap (value v = segment v-1, as Slicer exports visible segments) as FLARE22 ids.
+    """A segment-value labelmap (value v = segment v-1, as Slicer exports visible segments) as label ids (`segment_organ_ids`).
 
     Returns the labels and the segment numbers (0-based) that have voxels but match no organ.
     """
@@ -133,8 +115,9 @@ def organ_labels(values: np.ndarray, organ_ids: Sequence[int | None]) -> tuple[n
     return table[values], unmatched
 
 
-def annotated_organs(labels: np.ndarray, slices: Iterable[int], slice_axis: int, written: np.ndarray | None = None) -> set[int]:
-    """FLARE22 ids of the organs the annotated `slices` label: those painted on any of them, and those erased there from
+def annotated_organs(labels: np.ndarray, slices: Iterable[int], slice_axis: int, written: np.ndarray | None = None,
+                     label_set: LabelSet = FLARE22) -> set[int]:
+    """Ids (of `label_set`) of the organs the annotated `slices` label: those painted on any of them, and those erased there from
     the labels last written back (erasing the model's wrong liver says where the liver is not).
 
     Only the annotated slices count: after a write-back the rest of the segmentation is the model's output, not
@@ -148,26 +131,28 @@ def annotated_organs(labels: np.ndarray, slices: Iterable[int], slice_axis: int,
     if written is not None:
         before = _along(written, slice_axis)[index]
         present |= set(np.unique(before[before != current]).tolist())
-    return {o.label for o in ORGANS if o.label in present}
+    return {o.label for o in label_set if o.label in present}
 
 
-def annotation_summary(labels: np.ndarray, slices: Iterable[int], slice_axis: int, written: np.ndarray | None = None) -> dict:
-    """Annotated slices and the organs they label (`annotated_organs`; FLARE22 names in table order)."""
+def annotation_summary(labels: np.ndarray, slices: Iterable[int], slice_axis: int, written: np.ndarray | None = None,
+                       label_set: LabelSet = FLARE22) -> dict:
+    """Annotated slices and the organs they label (`annotated_organs`; names in the label set's order)."""
     index = sorted(set(slices))
-    organs = annotated_organs(labels, index, slice_axis, written)
-    return {"slices": index, "organs": [o.name for o in ORGANS if o.label in organs], "slice_axis": slice_axis}
+    organs = annotated_organs(labels, index, slice_axis, written, label_set)
+    return {"slices": index, "organs": label_set.names(organs), "slice_axis": slice_axis}
 
 
-def describe_organ_plan(organs: Iterable[str], starting_model: str | None) -> str:
+def describe_organ_plan(organs: Iterable[str], starting_model: str | None, label_set: LabelSet = FLARE22) -> str:
     """What fine-tuning does with each organ, in a few sentences for the panel and its log.
 
-    `organs`: FLARE22 names of the organs the annotation labels (`annotation_summary`). `starting_model`: the name of
-    the segmentation model fine-tuning starts from, which keeps the organs not labelled; None when it starts from the
-    pretrained base or from scratch, where nothing teaches them (`commands.FinetuneSettings.starting_segmentor`).
+    `organs`: names of the organs the annotation labels (`annotation_summary`), of the new model's `label_set`.
+    `starting_model`: the name of the segmentation model fine-tuning starts from, which keeps the organs not labelled;
+    None when it starts from the pretrained base or from scratch, where nothing teaches them
+    (`commands.FinetuneSettings.starting_segmentor`).
     """
     labelled = {name.lower() for name in organs}
-    learned = [o.display_name for o in ORGANS if o.name in labelled]
-    others = [o.display_name for o in ORGANS if o.name not in labelled]
+    learned = [o.display_name for o in label_set if o.name in labelled]
+    others = [o.display_name for o in label_set if o.name not in labelled]
     if not learned:
         return "No organ painted yet: fine-tuning learns the organs you paint."
     text = f"Learned from your slices: {', '.join(learned)}."
@@ -216,7 +201,7 @@ def prune_written_labels(folder: str | Path, keep: Collection[str | Path] = (), 
 
     A file is tied to a segmentation only through a node attribute, which a saved scene keeps, so a file
     the open scene does not use may still belong to a scene on disk: only long-unused ones are removed.
-    Leftovers of interrupted writes go after a day. Files of the earlier ``.nrrd`` format are pruned alike.
+    Leftovers of interrupted writes go after a day.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -229,7 +214,7 @@ def prune_written_labels(folder: str | Path, keep: Collection[str | Path] = (), 
             continue
         if path.name.startswith(".") and atomic.TEMP_MARK in path.name:
             days = PARTIAL_MAX_AGE_DAYS
-        elif path.is_file() and path.suffix in (WRITTEN_SUFFIX, ".nrrd"):
+        elif path.is_file() and path.suffix == WRITTEN_SUFFIX:
             days = max_age_days
         else:
             continue  # not ours

@@ -16,16 +16,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+# The engine's exit statuses and offered strategies (torch-free modules), re-exported for the module and job.py.
+from .. import strategies
+from ..errors import EXIT_CANCELLED as EXIT_CANCELLED
+from ..errors import EXIT_INPUT_ERROR as EXIT_INPUT_ERROR
+from ..errors import EXIT_OK as EXIT_OK
+from ..organs import FLARE22, LabelSet, read_label_set
+from ..strategies import DEFAULT_STRATEGY as DEFAULT_STRATEGY
+from ..strategies import STRATEGIES as STRATEGIES
 from . import model_cards
 
-# Kept in step with segmentor.STRATEGIES and devices.DEVICES (tests check it); not imported, to stay torch-free.
-STRATEGIES = ("ft-dec", "lp", "fs")
+# Kept in step with devices.DEVICES (a test checks it); not imported, as devices imports torch.
 DEVICES = ("auto", "cuda", "cpu", "mps")
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_INPUT_ERROR = 2
-EXIT_CANCELLED = 130
 # A process killed by a signal reports -signum in Python (e.g. -15 after SIGTERM before the handler ran).
 _SIGNAL_EXITS = (-15, -9, -2, 143, 137)
 
@@ -83,7 +86,7 @@ def segment_args(
 class FinetuneSettings:
     """What the user chose for fine-tuning; None leaves the engine's default."""
 
-    strategy: str = "ft-dec"
+    strategy: str = DEFAULT_STRATEGY
     iterations: int | None = None
     time_limit_s: float | None = None
     timestep: int | None = None
@@ -93,6 +96,8 @@ class FinetuneSettings:
     # Seconds of DDPM training on the CT's own slices before fine-tuning (0: off); the engine applies it
     # to ft-dec and lp from a pretrained base and says so when it skips it.
     adapt_s: float | None = None
+    # The organs the new model labels: a label-set file or a model whose set to take (``--label-set``); None: the base's.
+    label_set: str | Path | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -105,8 +110,8 @@ class FinetuneSettings:
             raise ValueError(f"timestep must be 0 or more, got {self.timestep}")
         if self.adapt_s is not None and not (math.isfinite(self.adapt_s) and self.adapt_s >= 0):
             raise ValueError(f"adaptation time must be 0 or more seconds, got {self.adapt_s}")
-        if self.adapt_s and self.strategy == "fs":
-            raise ValueError("adaptation needs a pretrained backbone; fs trains from random weights")
+        if self.adapt_s and not strategies.get(self.strategy).pretrained:
+            raise ValueError(f"adaptation needs a pretrained backbone; {self.strategy} trains from random weights")
 
     def starting_segmentor(self) -> str | None:
         """The name of the segmentation model fine-tuning starts from: it keeps the organs the annotation does not label.
@@ -114,9 +119,19 @@ class FinetuneSettings:
         None when it starts from the pretrained base or from scratch (fs keeps only a base's architecture), where
         nothing teaches those organs: the engine's rule (a segmentor base, not fs).
         """
-        if self.strategy == "fs" or self.base is None:
+        if not strategies.get(self.strategy).pretrained or self.base is None:
             return None
         return model_cards.segmentor_name(self.base)
+
+    def new_label_set(self) -> LabelSet:
+        """The organs the new model labels, as the engine decides them: `label_set`, else the base's (FLARE22's for the
+        bundled models, the base when none is given). The annotation is prepared and counted with this set."""
+        source = self.label_set if self.label_set is not None else self.base
+        if source is None:
+            return FLARE22
+        if Path(source).is_file():
+            return read_label_set(source)
+        return model_cards.label_set(source)
 
 
 def finetune_args(
@@ -150,6 +165,7 @@ def _settings_flags(settings: FinetuneSettings, name: str | None) -> list[str]:
         "--timestep": settings.timestep,
         "--seed": settings.seed,
         "--adapt": settings.adapt_s,
+        "--label-set": settings.label_set,
         "--name": name,
     }
     flags = []
@@ -176,7 +192,7 @@ def refine_args(
 ) -> list[str]:
     """Arguments after `engine_command` for ``diffusionseg refine`` with JSON progress: one Fine-tune click as one run.
 
-    `organs`: the organs the annotation labels (FLARE22 names or ids); None lets the engine take the painted ones.
+    `organs`: the organs the annotation labels (names or ids in the new model's label set); None lets the engine take the painted ones.
     """
     _check_device(device)
     args = ["refine", "--image", str(image), "--annotation", str(annotation), "-o", str(output), "--result", str(result),

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..organs import FLARE22, LabelSet  # standard library only
+
 CARD_FILE = "model.json"
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "weights"
 APP_NAME = "DiffusionSeg"
@@ -83,6 +85,21 @@ def find_card(model: str | Path) -> dict | None:
         return read_card(model)
     entry = next((e for e in list_models() if e.name == str(model)), None)
     return entry.card if entry is not None else None
+
+
+def label_set(model: str | Path | None) -> LabelSet:
+    """The organs `model` (a model folder or name) labels, from its card's ``labels``: what the panel lists and prepares.
+
+    FLARE22's when there is no such model or its card has no ``labels``; also when they cannot be read, as the engine
+    refuses that card with the reason when the model is used.
+    """
+    card = find_card(model) if model else None
+    if card is None or not card.get("labels"):
+        return FLARE22
+    try:
+        return LabelSet.from_card(card["labels"])
+    except ValueError:
+        return FLARE22
 
 
 def segmentor_name(model: str | Path) -> str | None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..organ_trust import CHECK_BELOW, held_out_dsc
-from ..organs import ORGANS, match_organ
+from ..organs import FLARE22, LabelSet
 
 VOLUME_KEY = "LabelmapSegmentStatisticsPlugin.volume_cm3"
 VOXELS_KEY = "LabelmapSegmentStatisticsPlugin.voxel_count"
@@ -28,33 +28,35 @@ class OrganVolume:
     std_hu: float | None
 
 
-def organ_volumes(statistics: Mapping, names: Mapping[str, tuple[str, str | None]]) -> tuple[list[OrganVolume], list[str]]:
+def organ_volumes(statistics: Mapping, names: Mapping[str, tuple[str, str | None]],
+                  label_set: LabelSet = FLARE22) -> tuple[list[OrganVolume], list[str]]:
     """(Organs found, in table order; names of the organs absent) from ``SegmentStatisticsLogic.getStatistics()``.
 
-    `names` maps segment id -> (segment name, terminology). Segments matching no organ, and empty ones,
-    are not listed; mL = cm3.
+    `names` maps segment id -> (segment name, terminology). Segments matching no organ of `label_set` (the model's),
+    and empty ones, are not listed; mL = cm3.
     """
     found: dict[int, OrganVolume] = {}
     for segment_id in statistics.get("SegmentIDs", []):
         name, terminology = names.get(segment_id, (None, None))
-        organ = match_organ(name, terminology)
+        organ = label_set.match(name, terminology)
         voxels = statistics.get((segment_id, VOXELS_KEY)) or 0
         if organ is None or voxels <= 0 or organ.label in found:
             continue
         mean, std = statistics.get((segment_id, MEAN_KEY)), statistics.get((segment_id, STDEV_KEY))
         found[organ.label] = OrganVolume(organ.display_name, float(statistics.get((segment_id, VOLUME_KEY)) or 0.0),
                                          None if mean is None else float(mean), None if std is None else float(std))
-    return [found[o.label] for o in ORGANS if o.label in found], [o.display_name for o in ORGANS if o.label not in found]
+    return [found[o.label] for o in label_set if o.label in found], [o.display_name for o in label_set if o.label not in found]
 
 
-def describe_volumes(rows: list[OrganVolume], absent: list[str], card: Mapping | None = None, warnings: list[str] = ()) -> str:
+def describe_volumes(rows: list[OrganVolume], absent: list[str], card: Mapping | None = None, warnings: list[str] = (),
+                     label_set: LabelSet = FLARE22) -> str:
     """Lines for the panel, e.g. ``Liver: 1520.3 mL, 62 ± 18 HU, held-out DSC 0.93``, then the organs not found and the warnings.
 
     `card`: the segmenting model's card; its held-out DSC is shown per organ and organs below ``CHECK_BELOW`` (or not
     measured) are marked "check". `warnings`: the engine's warnings about this scan (volumes, anatomy).
     """
     figures = held_out_dsc(card) if card is not None else None
-    by_display = {o.display_name: o.name for o in ORGANS}
+    by_display = {o.display_name: o.name for o in label_set}
     lines = []
     for row in rows:
         text = f"{row.organ}: {row.volume_ml:.1f} mL"
