@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -97,8 +98,11 @@ def test_reduced_run_leaves_every_stage_and_a_summary(fake_shared, tmp_path):
     out = tmp_path / "out"
     cmd = ["bash", str(ROOT / "Training" / "gpu_run.sh"), str(fake_shared), str(out), "--reduced"]
     start = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    # The wrapper runs `python` from PATH, as a user's activated environment provides it: this interpreter's.
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     wall = time.monotonic() - start
+    assert (out / "summary.json").is_file(), f"exit {done.returncode} after {wall:.0f} s, no summary:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["stages"]
     assert list(stages) == list(gpu_run.STAGES), done.stdout + done.stderr

@@ -22,12 +22,9 @@ import json
 import os
 import re
 import shlex
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script too (`python Testing/test_readme.py table`)
@@ -41,9 +38,8 @@ CLI_DOC = ROOT / "docs" / "cli.md"
 CI_SCRIPT = ROOT / ".ci" / "run"
 WEIGHTS = ROOT / "DiffusionSegLib" / "weights"
 SEGMENTOR_CARD = WEIGHTS / "flare22-segmentor" / "model.json"
-PRETRAINED_CARD = WEIGHTS / "ddpm-pretrained" / "model.json"
 TABLE_MARKER = "<!-- held-out table: filled from flare22-segmentor's card -->"
-FOUR_SLICE_MARKER = "<!-- four-slice figures: ddpm-pretrained's card -->"
+FOUR_SLICE_MARKER = "<!-- four-slice figures: flare22-segmentor's card, held_out.four_slices -->"
 SETUP_PREFIX = "python3 -m venv .venv && . .venv/bin/activate && pip install torch=="
 SHELL_BLOCKS = ("bash", "sh", "shell", "")
 MAX_README_LINES = 300  # the issue that split README: 600 lines nobody could find anything in
@@ -211,25 +207,6 @@ def accuracy_table(held_out: dict) -> list[str]:
     return lines
 
 
-# The card written before the three-patient rebuild has two leave-one-patient-out directions and lists all 13 organs
-# for each, 0.0 for the one the test CT does not have (../shared/data/README.md: abdomen-ct-a has no esophagus,
-# abdomen-ct-c no gallbladder). Its mean_dsc averages over all 13; here, as in the new field, over the organs present.
-LEGACY_DIRECTIONS = {"abdomen-ct-a-all-ft-dec-cleanup": "abdomen-ct-c", "abdomen-ct-c-all-ft-dec-cleanup": "abdomen-ct-a"}
-LEGACY_ABSENT = {"abdomen-ct-a": {"esophagus"}, "abdomen-ct-c": {"gallbladder"}}
-
-
-def legacy_held_out(metrics: dict) -> dict:
-    """The two-patient figures in the shape of `provenance.metrics.held_out`."""
-    patients = {}
-    for key, tested_on in LEGACY_DIRECTIONS.items():
-        organs = {name: dsc for name, dsc in metrics[key][tested_on]["organ_dsc"].items() if name not in LEGACY_ABSENT[tested_on]}
-        patients[tested_on] = {"mean_dsc": statistics.fmean(organs.values()), "organ_dsc": organs}
-    per_organ = {o.name: [p["organ_dsc"][o.name] for p in patients.values() if o.name in p["organ_dsc"]] for o in ORGANS}
-    return {"patients": patients, "organ_dsc": {name: statistics.fmean(v) for name, v in per_organ.items() if v},
-            "organ_patients": {name: len(v) for name, v in per_organ.items()},
-            "mean_dsc": statistics.fmean(p["mean_dsc"] for p in patients.values())}
-
-
 def readme_table(text: str) -> list[str]:
     """The table lines right under the marker (blank lines between marker and table allowed)."""
     assert TABLE_MARKER in text, f"README lost the marker {TABLE_MARKER}"
@@ -243,24 +220,13 @@ def readme_table(text: str) -> list[str]:
 
 
 def test_readme_accuracy_table_is_the_segmentor_cards_held_out_figures():
-    held_out = card(SEGMENTOR_CARD)["provenance"].get("metrics", {}).get("held_out")
-    if held_out is None:
-        pytest.skip("flare22-segmentor's card has no provenance.metrics.held_out yet (the three-patient rebuild writes it); "
-                    "until then README shows the two-patient figures, checked by the test below")
+    held_out = card(SEGMENTOR_CARD)["provenance"]["metrics"]["held_out"]
     assert readme_table(readme()) == accuracy_table(held_out), "paste `python Testing/test_readme.py table` under the marker"
 
 
-def test_readme_accuracy_table_is_the_two_patient_figures_of_the_current_card():
-    metrics = card(SEGMENTOR_CARD)["provenance"].get("metrics", {})
-    if "held_out" in metrics:
-        pytest.skip("the card has provenance.metrics.held_out: the README table must be that (the test above)")
-    assert readme_table(readme()) == accuracy_table(legacy_held_out(metrics)), "paste `python Testing/test_readme.py table`"
-
-
 def current_held_out() -> dict:
-    """The card's held-out figures: the new field when the card has it, else the two-patient figures in its shape."""
-    metrics = card(SEGMENTOR_CARD)["provenance"]["metrics"]
-    return metrics["held_out"] if "held_out" in metrics else legacy_held_out(metrics)
+    """The card's held-out figures (leave one patient out)."""
+    return card(SEGMENTOR_CARD)["provenance"]["metrics"]["held_out"]
 
 
 def test_the_table_check_catches_a_changed_figure():
@@ -290,15 +256,16 @@ def test_the_table_reads_the_three_patient_field_with_partial_labels():
     assert rows["**Mean over organs**"] == "| **Mean over organs** | 0.50 | 0.75 | 0.62 | |"
 
 
-def test_four_slice_figures_in_readme_are_the_pretrained_cards():
-    """README quotes, after its marker, the mean DSC of four painted slices on the same CT's other slices."""
-    metrics = card(PRETRAINED_CARD)["provenance"]["metrics"]
-    figures = [metrics[f"{ct}-4-ft-dec"][ct]["mean_dsc"] for ct in ("abdomen-ct-a", "abdomen-ct-c")]
+def test_four_slice_figures_in_readme_are_the_segmentor_cards():
+    """README quotes, after its marker, four painted slices of each held-out patient refined from the segmentor trained
+    without that patient and from ddpm-pretrained (mean DSC on that CT's other labelled slices), as the card holds them."""
+    four = card(SEGMENTOR_CARD)["provenance"]["metrics"]["held_out"]["four_slices"]
     text = readme()
     assert FOUR_SLICE_MARKER in text
     sentence = text.split(FOUR_SLICE_MARKER, 1)[1].split("\n\n", 1)[0]
-    for figure in figures:
-        assert _dsc(figure) in sentence, f"README's four-slice sentence should quote {_dsc(figure)}: {sentence.strip()}"
+    for patient, figures in four.items():
+        for key in ("from_segmentor_without_it", "from_pretrained"):
+            assert _dsc(figures[key]) in sentence, f"README's four-slice sentence should quote {patient}'s {key} {_dsc(figures[key])}"
 
 
 # --- links and the CLI reference ---------------------------------------------------------------------
