@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script too (`python Testing/test_readme.py table`)
 
+from test_cli_help import subcommands  # noqa: E402  (one walk over the parsers, shared with the --help checks)
+
 from DiffusionSegLib.cli import build_parser as engine_parser  # noqa: E402
 from DiffusionSegLib.organs import ORGANS  # noqa: E402
 from Training.cli import build_parser as training_parser  # noqa: E402
@@ -280,15 +282,6 @@ def test_relative_links_in_readme_point_to_files_that_exist():
 
 def test_readme_is_short():
     assert len(readme().splitlines()) <= MAX_README_LINES, "README is the front page: move detail to docs/"
-
-
-def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    found = {parser.prog: parser}
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                found.update(subcommands(sub))
-    return found
 
 
 def all_subcommands() -> dict[str, argparse.ArgumentParser]:
