@@ -24,7 +24,8 @@ For every labelled CT X (two or more):
 
 Every case runs the real commands in child processes and is written to OUT/figures.json as it ends,
 so a stopped run resumes; models and segmentations are kept under OUT/, and a model folder already
-there (a run stopped after training) is scored rather than trained again.
+there (a run stopped after training) is scored rather than trained again; in leave-out, a continued model already
+there stands for its whole recipe (its first stage is neither trained nor scored).
 """
 
 from __future__ import annotations
@@ -242,9 +243,11 @@ def leave_out(held_out: str, cts: dict, axes: dict, args: argparse.Namespace, or
         more[more.index("--iterations") + 1] = str(args.segmentor_continue)
         stages.append((f"without-{held_out}+{args.segmentor_continue}", ["--base", str(out / stages[0][0]), *more]))
     held = {held_out: cts[held_out]}
-    for key, options in stages:
+    for index, (key, options) in enumerate(stages):
         model = out / key
         if not (model / "model.json").is_file():
+            if any((out / later / "model.json").is_file() for later, _ in stages[index + 1:]):
+                continue  # a later stage is already there (trained elsewhere from this one): score that, do not retrain this
             run_command(["finetune", *data, "-o", str(model), *options, *quick], out / f"{key}.log")
         card = read_card(model)
         for extra, suffix in ((["--cleanup"], "-cleanup"), (["--no-cleanup"], "-no-cleanup")):
