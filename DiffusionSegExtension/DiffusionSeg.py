@@ -50,11 +50,11 @@ if str(_engine_parent()) not in sys.path:
 
 # The bridge needs only numpy and the standard library, which Slicer always has.
 from DiffusionSegLib import strategies  # noqa: E402  (the strategy table: standard library only)
-from DiffusionSegLib.bridge import annotation, commands, dependencies, model_cards, sample, scene, statistics  # noqa: E402
+from DiffusionSegLib.bridge import commands, dependencies, model_cards, organ_volumes, painting, sample_data, scene  # noqa: E402
 from DiffusionSegLib.bridge.job import CANCEL_GRACE_S, BackgroundJobs, JobEnd  # noqa: E402
 from DiffusionSegLib.bridge.progress_parser import Event, Message, ProgressUpdate  # noqa: E402
 from DiffusionSegLib.bridge.scene import UNCERTAINTY_ATTRIBUTE  # noqa: E402
-from DiffusionSegLib.bridge.uncertainty import check_report, rank_slices  # noqa: E402
+from DiffusionSegLib.bridge.slice_ranking import check_report, rank_slices  # noqa: E402
 from DiffusionSegLib.organs import FLARE22, LabelSet  # noqa: E402  (label sets: standard library only)
 
 POLL_INTERVAL_MS = 200
@@ -97,7 +97,7 @@ def registerSampleData() -> None:
     import SampleData
 
     iconPath = Path(__file__).resolve().parent / "Resources" / "Icons" / "DiffusionSeg.png"
-    source = sample.sample_data_source(thumbnail=iconPath if iconPath.is_file() else None)
+    source = sample_data.sample_data_source(thumbnail=iconPath if iconPath.is_file() else None)
     if source is not None:
         SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
 
@@ -556,7 +556,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if status["slices"]:
             shown = ", ".join(str(i + 1) for i in status["slices"][:20]) + (", ..." if len(status["slices"]) > 20 else "")
             text += f" ({shown})"
-            text += "\n" + annotation.describe_organ_plan(status["organs"], self.finetuneSettings().starting_segmentor(), labelSet)
+            text += "\n" + painting.describe_organ_plan(status["organs"], self.finetuneSettings().starting_segmentor(), labelSet)
         if status["unmatched"]:
             text += "\n" + _("Segments not matching any of {organs} (rename or delete them before fine-tuning): {names}").format(
                 organs=labelSet.describe(), names=", ".join(status["unmatched"]))
@@ -785,7 +785,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
     def pruneWrittenLabels(self) -> None:
         """Delete long-unused written-labels files; those of segmentations in the open scene stay."""
         try:
-            for path in annotation.prune_written_labels(self.writtenLabelsFolder(), keep=self.sceneOps().written_paths_in_use()):
+            for path in painting.prune_written_labels(self.writtenLabelsFolder(), keep=self.sceneOps().written_paths_in_use()):
                 logging.info(f"DiffusionSeg: deleted unused {path}")
         except OSError as e:  # housekeeping must never stop the panel from loading
             logging.warning(f"DiffusionSeg: could not clean up {self.writtenLabelsFolder()}: {e}")
@@ -802,14 +802,14 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         parameters.SetParameter("visibleSegmentsOnly", str(False))
         for plugin in statisticsLogic.plugins:
             pluginName = plugin.__class__.__name__
-            parameters.SetParameter(f"{pluginName}.enabled", str(pluginName in statistics.PLUGINS))
+            parameters.SetParameter(f"{pluginName}.enabled", str(pluginName in organ_volumes.PLUGINS))
         statisticsLogic.computeStatistics()
         segmentation = segmentationNode.GetSegmentation()
         names = {i: scene.segment_name_and_terminology(segmentation, i) for i in segmentation.GetSegmentIDs()}
         labelSet = model_cards.label_set(self.lastSegmentModel)  # the organs the segmenting model labels
-        rows, absent = statistics.organ_volumes(statisticsLogic.getStatistics(), names, labelSet)
+        rows, absent = organ_volumes.organ_volumes(statisticsLogic.getStatistics(), names, labelSet)
         card = model_cards.find_card(self.lastSegmentModel) if self.lastSegmentModel else None
-        return statistics.describe_volumes(rows, absent, card, self.lastWarnings, labelSet)
+        return organ_volumes.describe_volumes(rows, absent, card, self.lastWarnings, labelSet)
 
     # --- background runs ---
 
@@ -932,12 +932,12 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         folderName = commands.model_folder_name(name or volumeNode.GetName(), [i.name for i in model_cards.list_models()])
         output = model_cards.user_models_dir() / folderName
         previous = scene.written_path(annotationNode)
-        written = previous if previous is not None and previous.suffix == annotation.WRITTEN_SUFFIX else None  # older formats: not read
-        writtenOutput = annotation.new_written_path(self.writtenLabelsFolder())  # a new name: the node's file stays until success
+        written = previous if previous is not None and previous.suffix == painting.WRITTEN_SUFFIX else None  # older formats: not read
+        writtenOutput = painting.new_written_path(self.writtenLabelsFolder())  # a new name: the node's file stays until success
         folder = self.workFolder("finetune")
         result, report = folder / "result.seg.nrrd", folder / "uncertainty.json"
         self.logCallback(_("Fine-tuning on {count} annotated slices. {plan}").format(
-            count=len(status["slices"]), plan=annotation.describe_organ_plan(status["organs"], settings.starting_segmentor(), labelSet)))
+            count=len(status["slices"]), plan=painting.describe_organ_plan(status["organs"], settings.starting_segmentor(), labelSet)))
         started = time.monotonic()
 
         def done(end: JobEnd) -> None:

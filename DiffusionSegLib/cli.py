@@ -22,7 +22,6 @@ import torch
 
 from . import __version__, strategies
 from .anatomy_check import anatomy_warnings
-from .annotations import labelled_organs
 from .atomic import atomic_path
 from .demo import DEFAULT_OUTPUT_DIR, SAMPLE_CT, demo_outputs
 from .devices import DEVICES, configure_cpu, resolve_device
@@ -48,11 +47,12 @@ from .preview import write_preview
 from .progress import MODES, Progress
 from .recipe import TrainingCT, build_segmentor, check_adapt, default_base, finetune_model, new_segmentor
 from .seg_nrrd import is_slicer_segmentation, segment_organs
+from .segment_statistics import add_trust, organ_statistics, statistics_table, write_statistics
 from .segmentor import Segmentor
-from .statistics import add_trust, organ_statistics, statistics_table, write_statistics
+from .slice_uncertainty import segment_with_uncertainty, write_report
 from .strategies import DEFAULT_STRATEGY, STRATEGIES
 from .strategies import summaries as strategy_summaries
-from .uncertainty import segment_with_uncertainty, write_report
+from .training_slices import labelled_organs
 from .unet import PRESETS
 
 

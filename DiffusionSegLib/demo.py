@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bridge.sample import sample_path
+from .bridge.sample_data import sample_path
 
 SAMPLE_CT = sample_path()  # one place says where the sample is, for the demo and for Slicer's Sample Data
 DEFAULT_OUTPUT_DIR = "diffusionseg-demo"

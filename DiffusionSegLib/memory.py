@@ -29,17 +29,17 @@ from .unet import PRESETS, UNetConfig
 
 HEADROOM = 0.8  # use at most this fraction of the free memory: other processes grow too, and the prediction is within 15 %
 # Peak of a step per byte saved for backward: the saved activations, the gradients backward creates beside them, and
-# (on the CPU) what glibc's heap cannot reuse after the first steps. Fitted to Testing/benchmarks/memory_guard.py.
+# (on the CPU) what glibc's heap cannot reuse after the first steps. Fitted to Training/benchmarks/memory_guard.py.
 CPU_TRANSIENT = 1.5
 GPU_TRANSIENT = 1.3  # not yet measured on a GPU (docs/memory-guard.md)
 ATTENTION_BACKWARD = 2.0  # softmax's backward holds two more tokens x tokens matrices of the layer it is in
 # On the CPU a step also holds, whatever the batch, about ten times one sample's largest attention layer beyond the
 # above: the peak minus the prediction was the same at batch 1 and 2 (1.2 GiB for tiny at 256 px, whose largest layer
-# is 0.125 GiB; 0.08 GiB at 128 px, layer 0.008 GiB) in Testing/benchmarks/memory_guard.py; docs/memory-guard.md.
+# is 0.125 GiB; 0.08 GiB at 128 px, layer 0.008 GiB) in Training/benchmarks/memory_guard.py; docs/memory-guard.md.
 CPU_ATTENTION_FIXED = 10.0
 MIN_TOKENS = 16  # smaller square tensors are not attention (and too small to matter)
 # What each data loader process holds of its own (its Python heap, the batches it prepares): 10-46 MiB measured
-# privately per worker at 64-256 px (Testing/benchmarks/memory_guard.py); the pages it shares with the main process
+# privately per worker at 64-256 px (Training/benchmarks/memory_guard.py); the pages it shares with the main process
 # are counted there.
 WORKER_BYTES = 48 << 20
 

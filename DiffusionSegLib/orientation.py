@@ -1,6 +1,6 @@
 """Which index axis of a CT runs along which patient axis: the choice behind the model's slice planes.
 
-Numpy only, so the Slicer side (``bridge/annotation.py``) asks the same function as the engine's
+Numpy only, so the Slicer side (``bridge/painting.py``) asks the same function as the engine's
 preprocessing, and the slices a user paints are the model's slices.
 """
 

@@ -24,7 +24,6 @@ import torch
 
 from . import __version__, strategies
 from .adaptation import adapt_backbone
-from .annotations import TrainingSlices, training_slices
 from .devices import describe_hardware, resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import InputError
@@ -35,6 +34,7 @@ from .preprocessing import PreprocessingSpec, to_model_space
 from .progress import Progress
 from .segmentor import DEFAULT_HEAD_WIDTH, Segmentor
 from .strategies import DEFAULT_HEAD_LAYERS, DEFAULT_STRATEGY, STRATEGIES
+from .training_slices import TrainingSlices, training_slices
 from .unet import preset_config
 
 

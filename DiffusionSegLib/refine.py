@@ -24,8 +24,7 @@ from pathlib import Path
 import SimpleITK as sitk
 import torch
 
-from .annotations import labelled_organs
-from .bridge.annotation import WRITTEN_SUFFIX, load_written_labels, save_written_labels
+from .bridge.painting import WRITTEN_SUFFIX, load_written_labels, save_written_labels
 from .devices import resolve_device
 from .errors import InputError
 from .finetune import FinetuneConfig
@@ -35,7 +34,8 @@ from .models import CARD_FILE, finetune_destination, portable_path, save_model
 from .organs import FLARE22, LabelSet
 from .progress import Progress
 from .recipe import Start, TrainingCT, build_segmentor, finetune_model
-from .uncertainty import segment_with_uncertainty, write_report
+from .slice_uncertainty import segment_with_uncertainty, write_report
+from .training_slices import labelled_organs
 from .writeback import annotated_labels, merged_labels
 
 
@@ -63,7 +63,7 @@ def organ_list(text: str | None, flag: str = "--organs", label_set: LabelSet = F
 @dataclass(frozen=True)
 class RefineOutputs:
     """Where a round writes: the model folder, the merged result, and optionally the uncertainty report and the merged
-    labels (`bridge.annotation.save_written_labels`, the next round's `written`)."""
+    labels (`bridge.painting.save_written_labels`, the next round's `written`)."""
 
     model: Path
     result: Path

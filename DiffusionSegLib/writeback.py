@@ -2,7 +2,7 @@
 learns from) and the merged result, as SimpleITK images on the CT grid, and as files.
 
 The array logic (which slices are annotated and for which organs, merging that keeps painted slices, the
-labels last written back) is `DiffusionSegLib.bridge.annotation`, which Slicer loads before the engine's
+labels last written back) is `DiffusionSegLib.bridge.painting`, which Slicer loads before the engine's
 packages are installed; this file needs SimpleITK and slicerio (through imageio). `DiffusionSegLib.refine`
 runs it in the engine's process, one Fine-tune click as one ``diffusionseg refine`` run.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .bridge.annotation import (
+from .bridge.painting import (
     annotated_slices,
     annotation_summary,
     axial_axis,

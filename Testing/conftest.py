@@ -66,7 +66,7 @@ def tiny_pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def phantom_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A phantom CT and its labels as NIfTI files."""
-    from phantom import make_phantom
+    from Training.benchmarks.phantom import make_phantom
 
     folder = tmp_path_factory.mktemp("phantom")
     ct, labels = make_phantom(size=(80, 72, 24), spacing=(5.0, 5.0, 8.0), seed=3)

@@ -19,7 +19,7 @@ from conftest import SHARED_DATA
 # The quick benchmark runs in a child with its own 600 s limit (fixture set-up counts towards the test's): leave it room to report.
 pytestmark = pytest.mark.timeout(900)
 
-BENCHMARK = Path(__file__).resolve().parent / "benchmarks" / "benchmark.py"
+BENCHMARK = Path(__file__).resolve().parents[1] / "Training" / "benchmarks" / "speed_memory.py"
 
 
 def _get(tree: dict, path: str) -> object:

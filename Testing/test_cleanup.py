@@ -11,7 +11,6 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import same_geometry
-from phantom import make_phantom, oblique_direction
 
 from DiffusionSegLib.cleanup import clean_image, clean_labelmap, slice_array_axis
 from DiffusionSegLib.cli import main
@@ -21,12 +20,13 @@ from DiffusionSegLib.models import ModelCard, load_segmentor, read_card, read_we
 from DiffusionSegLib.preprocessing import PreprocessingSpec, to_model_space
 from DiffusionSegLib.segmentor import Segmentor
 from DiffusionSegLib.unet import preset_config
+from Training.benchmarks.phantom import make_phantom, oblique_direction
 
 LIVER, RIGHT_KIDNEY, SPLEEN = 1, 2, 3
 SPACING = (5.0, 2.0, 2.0)  # z, y, x mm: 4 mm^2 pixels in the axial plane
 # Index x along superior, y along patient left, z along posterior: the model's slices run along the array's last axis.
 PERMUTED_DIRECTION = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)
-BENCHMARK = Path(__file__).resolve().parent / "benchmarks" / "cleanup_effect.py"
+BENCHMARK = Path(__file__).resolve().parents[1] / "Training" / "benchmarks" / "cleanup_effect.py"
 
 
 def ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radii: tuple[float, float, float]) -> np.ndarray:

@@ -16,7 +16,6 @@ import SimpleITK as sitk
 import slicerio
 import torch
 from conftest import same_geometry, shared_data
-from phantom import make_phantom, oblique_direction, write_dicom_series
 
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.imageio import read_ct, write_labelmap
@@ -24,6 +23,7 @@ from DiffusionSegLib.inference import segment_ct
 from DiffusionSegLib.models import load_segmentor, load_unet, save_model
 from DiffusionSegLib.organs import organ_by_label
 from DiffusionSegLib.progress import Progress
+from Training.benchmarks.phantom import make_phantom, oblique_direction, write_dicom_series
 
 FAST = ["--preset", "tiny", "--iterations", "3", "--progress", "none"]
 

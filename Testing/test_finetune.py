@@ -7,9 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from phantom import make_phantom
 
-from DiffusionSegLib.annotations import annotated_input_slices, training_slices
 from DiffusionSegLib.finetune import (
     AugmentConfig,
     FinetuneConfig,
@@ -23,7 +21,9 @@ from DiffusionSegLib.finetune import (
 )
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from DiffusionSegLib.segmentor import SegmentationHead, Segmentor
+from DiffusionSegLib.training_slices import annotated_input_slices, training_slices
 from DiffusionSegLib.unet import preset_config
+from Training.benchmarks.phantom import make_phantom
 
 CPU = torch.device("cpu")
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from phantom import make_phantom
 from PIL import Image
 
 from DiffusionSegLib.anatomy_check import anatomy_warnings
@@ -23,7 +22,8 @@ from DiffusionSegLib.imageio import read_ct, read_labels
 from DiffusionSegLib.models import finetune_destination, is_bare_name, portable_path, read_card, resolve_model, user_models_dir
 from DiffusionSegLib.organs import ORGANS, organ_by_label
 from DiffusionSegLib.preview import PREVIEW_COLOURS, preview_size, render_preview, write_preview
-from DiffusionSegLib.statistics import add_trust, organ_statistics
+from DiffusionSegLib.segment_statistics import add_trust, organ_statistics
+from Training.benchmarks.phantom import make_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from phantom import make_phantom
 from safetensors.torch import save_file
 
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from Training import inception
+from Training.benchmarks.phantom import make_phantom
 from Training.cli import main as train
 from Training.generation_metrics import (
     GenerationMetrics,

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import SHARED_DATA, shared_data
-from phantom import make_phantom
 
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from Training import gpu_run
+from Training.benchmarks.phantom import make_phantom
 from Training.cli import main as train_main
 from Training.prepare import prepare
 
@@ -156,12 +156,9 @@ def test_reduced_run_on_the_real_data_through_fine_tuning(tmp_path):
 
 
 def _peer_speed():
-    import importlib.util
+    from Training.benchmarks import peer_speed
 
-    spec = importlib.util.spec_from_file_location("peer_speed", ROOT / "Testing" / "benchmarks" / "peer_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return peer_speed
 
 
 def test_peer_network_has_the_nnunet_shape_and_windows():

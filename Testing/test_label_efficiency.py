@@ -10,16 +10,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from phantom import FLIPPED_DIRECTION, make_phantom
 
 from DiffusionSegLib.cli import main as diffusionseg
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.finetune import cache_pool_size
 from DiffusionSegLib.models import read_card, resolve_model
 from DiffusionSegLib.preprocessing import PreprocessingSpec
-from Training.benchmark_report import seeds_line
-from Training.cli import main as train
-from Training.label_efficiency import (
+from Training.benchmarks.label_efficiency import (
     BenchmarkConfig,
     IterationRule,
     Run,
@@ -38,6 +35,9 @@ from Training.label_efficiency import (
     slice_pool,
     split_slices,
 )
+from Training.benchmarks.label_efficiency_report import seeds_line
+from Training.benchmarks.phantom import FLIPPED_DIRECTION, make_phantom
+from Training.cli import main as train
 
 
 def test_split_holds_out_every_third_block_with_guards():
@@ -167,7 +167,7 @@ def test_cross_patient_trains_on_each_ct_and_tests_on_the_other(phantom_cts):
 
 
 def test_training_data_matches_the_engine(phantom_cts):
-    from DiffusionSegLib.annotations import training_slices
+    from DiffusionSegLib.training_slices import training_slices
 
     a = phantom_cts[0]
     keep = a.labelled[3:5]

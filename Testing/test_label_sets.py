@@ -13,14 +13,14 @@ import slicerio
 from slicer_helpers import random_tiny_segmentor
 
 from DiffusionSegLib.bridge import model_cards
-from DiffusionSegLib.bridge.annotation import annotation_summary, describe_organ_plan, segment_organ_ids
+from DiffusionSegLib.bridge.painting import annotation_summary, describe_organ_plan, segment_organ_ids
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.imageio import read_labels, write_labelmap
 from DiffusionSegLib.models import ModelCard, label_table, load_segmentor
 from DiffusionSegLib.organs import FLARE22, ORGANS, LabelSet, read_label_set, terminology_string
 from DiffusionSegLib.preview import PREVIEW_COLOURS, legend_swatch, preview_colour, render_preview
-from DiffusionSegLib.statistics import organ_statistics
+from DiffusionSegLib.segment_statistics import organ_statistics
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "DiffusionSegLib" / "weights"
 

@@ -1,4 +1,4 @@
-"""Completing the bundled cards: data licences and held-out metrics from Training.model_figures."""
+"""Completing the bundled cards: data licences and held-out metrics from Training.benchmarks.model_figures."""
 
 from __future__ import annotations
 

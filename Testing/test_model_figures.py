@@ -1,4 +1,4 @@
-"""Training.model_figures end to end on two phantom "patients": the real commands, resumable, and the continued segmentor."""
+"""Training.benchmarks.model_figures end to end on two phantom "patients": the real commands, resumable, and the continued segmentor."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 
 import pytest
 import SimpleITK as sitk
-from phantom import make_phantom
 
 from DiffusionSegLib.models import read_card
-from Training import model_figures
+from Training.benchmarks import model_figures
+from Training.benchmarks.phantom import make_phantom
 
 
 @pytest.mark.slow

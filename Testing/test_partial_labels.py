@@ -8,11 +8,11 @@ import SimpleITK as sitk
 import torch
 from conftest import shared_data
 
-from DiffusionSegLib.annotations import training_slices
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.finetune import FinetuneConfig, _full_label_loss, _marginal_loss, finetune, keep_loss, segmentation_loss
 from DiffusionSegLib.organs import parse_organs
 from DiffusionSegLib.preprocessing import PreprocessingSpec
+from DiffusionSegLib.training_slices import training_slices
 
 CPU = torch.device("cpu")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from phantom import FLIPPED_DIRECTION, make_phantom, oblique_direction, write_dicom_series
+
+from Training.benchmarks.phantom import FLIPPED_DIRECTION, make_phantom, oblique_direction, write_dicom_series
 
 OBLIQUE = oblique_direction((20, 10, 30))
 DIRECTIONS = {"identity": None, "flipped": FLIPPED_DIRECTION, "oblique": OBLIQUE}

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import same_geometry, shared_data
-from phantom import FLIPPED_DIRECTION, make_phantom, oblique_direction
 
 from DiffusionSegLib.imageio import read_ct
 from DiffusionSegLib.preprocessing import (
@@ -18,6 +17,7 @@ from DiffusionSegLib.preprocessing import (
     to_model_space,
 )
 from DiffusionSegLib.probability_resampling import probabilities_to_image_space
+from Training.benchmarks.phantom import FLIPPED_DIRECTION, make_phantom, oblique_direction
 
 # x and y swapped and z reversed: a file whose index axes are not in LPS order at all.
 PERMUTED_DIRECTION = (0, 1, 0, 1, 0, 0, 0, 0, -1)

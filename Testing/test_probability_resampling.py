@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import same_geometry
-from phantom import FLIPPED_DIRECTION, make_phantom, oblique_direction
 
 from DiffusionSegLib.preprocessing import ModelSpaceVolume, PreprocessingSpec, to_model_space
 from DiffusionSegLib.probability_resampling import probabilities_to_image_space
+from Training.benchmarks.phantom import FLIPPED_DIRECTION, make_phantom, oblique_direction
 
 DIRECTIONS = {
     "identity": None,

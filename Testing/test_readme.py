@@ -181,7 +181,7 @@ def test_every_example_command_in_readme_parses():
 def test_the_parse_check_rejects_a_wrong_example():
     text = ("```bash\ndiffusionseg segment CT.nii.gz -o CT.seg.nrrd --colours slicer   # no such flag\n"
             "diffusionseg finetune --image CT.nii.gz --labels L.nii.gz -o m \\\n    --iterations many\n"
-            "python -m Training.model_figures --pretrained p -o out\n```\n")
+            "python -m Training.benchmarks.model_figures --pretrained p -o out\n```\n")
     commands = covered_commands(text)
     assert [number for number, _ in commands] == [2, 3, 5]
     assert all(parse_error(command) for _, command in commands)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from phantom import make_phantom
 
 from DiffusionSegLib import strategies
 from DiffusionSegLib.errors import InputError
@@ -19,6 +18,7 @@ from DiffusionSegLib.orientation import axial_axis, canonical_axes
 from DiffusionSegLib.recipe import TrainingCT, build_segmentor, finetune_model, new_segmentor, random_base
 from DiffusionSegLib.segmentor import Segmentor
 from DiffusionSegLib.unet import preset_config
+from Training.benchmarks.phantom import make_phantom
 
 
 def test_the_table_is_consistent():

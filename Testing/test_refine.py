@@ -24,15 +24,14 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 import torch
-from phantom import make_phantom
 from slicer_helpers import random_tiny_segmentor
 
 from DiffusionSegLib import refine as refine_module
 from DiffusionSegLib.bridge import commands
-from DiffusionSegLib.bridge.annotation import load_written_labels, save_written_labels
 from DiffusionSegLib.bridge.job import BackgroundJobs
+from DiffusionSegLib.bridge.painting import load_written_labels, save_written_labels
 from DiffusionSegLib.bridge.progress_parser import Message, ProgressParser, ProgressUpdate
-from DiffusionSegLib.bridge.uncertainty import read_report
+from DiffusionSegLib.bridge.slice_ranking import read_report
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.errors import Cancelled, InputError
 from DiffusionSegLib.finetune import FinetuneConfig
@@ -42,6 +41,7 @@ from DiffusionSegLib.models import load_segmentor
 from DiffusionSegLib.organs import ORGANS
 from DiffusionSegLib.refine import RefineOutputs, read_annotation, refine
 from DiffusionSegLib.seg_nrrd import segment_organs
+from Training.benchmarks.phantom import make_phantom
 
 LIVER, SPLEEN, GALLBLADDER = 1, 3, 9
 FAST = ["--strategy", "fs", "--preset", "tiny", "--iterations", "2", "--device", "cpu"]

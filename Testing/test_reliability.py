@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from phantom import make_phantom
 from test_label_efficiency import write_phantoms
 
 from DiffusionSegLib import atomic
@@ -34,7 +33,9 @@ from DiffusionSegLib.models import ModelCard, load_segmentor, save_model
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from DiffusionSegLib.segmentor import Segmentor
 from DiffusionSegLib.unet import UNetModel, preset_config
-from Training import label_efficiency, prepare, shards
+from Training import prepare, shards
+from Training.benchmarks import label_efficiency
+from Training.benchmarks.phantom import make_phantom
 from Training.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint
 from Training.cli import main as train
 

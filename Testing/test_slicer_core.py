@@ -21,8 +21,8 @@ from conftest import same_geometry, shared_data
 from slicer_helpers import SlicerApp, keep_array_slices, load_module, real_slicer, slicer_core_version
 
 from DiffusionSegLib import seg_nrrd
-from DiffusionSegLib.bridge import annotation, scene
-from DiffusionSegLib.bridge.uncertainty import REPORT_VERSION
+from DiffusionSegLib.bridge import painting, scene
+from DiffusionSegLib.bridge.slice_ranking import REPORT_VERSION
 from DiffusionSegLib.imageio import read_labels
 from DiffusionSegLib.organs import ORGANS, match_organ, organ_by_label, terminology_string
 from DiffusionSegLib.writeback import prepare_annotation, write_back
@@ -260,7 +260,7 @@ def test_write_back_keeps_painted_slices_the_users_segment_and_file(case):
     report = tmp / "uncertainty.json"
     report.write_text(json.dumps({"version": REPORT_VERSION, "slice_axis": 2, "num_slices": truth.shape[0], "slices": []}))
 
-    merged, first = tmp / "merged.seg.nrrd", annotation.new_written_path(tmp / "written-labels")
+    merged, first = tmp / "merged.seg.nrrd", painting.new_written_path(tmp / "written-labels")
     write_back(ct, prediction, painted, merged, summary["slices"], first)
     ops.write_back(volume, node, merged, summary["slices"], report, first)
     segmentation = node.GetSegmentation()
@@ -278,12 +278,12 @@ def test_write_back_keeps_painted_slices_the_users_segment_and_file(case):
     assert app.node_ids() == before  # no temporary node, display node or colour table left behind
     written = scene.written_path(node)
     assert written == first
-    assert np.array_equal(annotation.load_written_labels(written, labels.shape), labels)  # what tells corrections from output
+    assert np.array_equal(painting.load_written_labels(written, labels.shape), labels)  # what tells corrections from output
     assert json.loads(node.GetAttribute(scene.ANNOTATED_SLICES_ATTRIBUTE)) == PAINTED
     assert ops.annotation_status(node, volume)["slices"] == PAINTED  # the model's output does not count as annotated
 
     # the next round's write-back brings a written-labels file of its own, which replaces the previous one
-    second = annotation.new_written_path(tmp / "written-labels")
+    second = painting.new_written_path(tmp / "written-labels")
     write_back(ct, prediction, painted, merged, summary["slices"], second)
     ops.write_back(volume, node, merged, summary["slices"], report, second)
     assert scene.written_path(node) == second and list((tmp / "written-labels").iterdir()) == [second]

@@ -22,8 +22,9 @@ import pytest
 from slicer_helpers import LAUNCHER, random_tiny_segmentor
 
 from DiffusionSegLib import atomic, models, orientation, strategies
-from DiffusionSegLib.bridge import commands, dependencies, model_cards, sample, statistics
-from DiffusionSegLib.bridge.annotation import (
+from DiffusionSegLib.bridge import commands, dependencies, model_cards, organ_volumes, sample_data
+from DiffusionSegLib.bridge.job import BackgroundJobs
+from DiffusionSegLib.bridge.painting import (
     annotated_organs,
     annotated_slices,
     annotation_summary,
@@ -41,15 +42,14 @@ from DiffusionSegLib.bridge.annotation import (
     save_written_labels,
     segment_organ_ids,
 )
-from DiffusionSegLib.bridge.job import BackgroundJobs
 from DiffusionSegLib.bridge.progress_parser import LogLine, Message, ProgressParser, ProgressUpdate, format_duration, parse_line
 from DiffusionSegLib.bridge.runner import BackgroundRun, popen_options, tree_kill_command
-from DiffusionSegLib.bridge.uncertainty import check_report, rank_slices, read_report
+from DiffusionSegLib.bridge.slice_ranking import check_report, rank_slices, read_report
 from DiffusionSegLib.devices import DEVICES
 from DiffusionSegLib.organs import ORGANS, terminology_string
 from DiffusionSegLib.preprocessing import Grid, ModelSpaceVolume, canonical_axes
 from DiffusionSegLib.progress import Progress
-from DiffusionSegLib.uncertainty import body_mask, slice_entropy, uncertainty_report, write_report
+from DiffusionSegLib.slice_uncertainty import body_mask, slice_entropy, uncertainty_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -395,7 +395,7 @@ def test_bridge_imports_with_only_the_standard_library_and_numpy():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {"commands", "runner", "progress_parser", "dependencies", "annotation", "uncertainty", "model_cards"} <= set(found["modules"])
+    assert {"commands", "runner", "progress_parser", "dependencies", "painting", "slice_ranking", "model_cards", "organ_volumes", "sample_data"} <= set(found["modules"])
     assert found["third_party"] == []
     # the stdlib-only atomic writer (and its error class) and label table, nothing heavier
     # the engine's stdlib/numpy-only homes (atomic writer, exit statuses, label sets, trust, slice axis, strategy table)
@@ -699,17 +699,17 @@ def test_prune_written_labels_keeps_what_is_used_or_recent(tmp_path):
 def test_organ_volumes_from_segment_statistics():
     stats = {
         "SegmentIDs": ["s1", "s2", "s3", "s4"],
-        ("s1", statistics.VOXELS_KEY): 56000, ("s1", statistics.VOLUME_KEY): 1520.34, ("s1", statistics.MEAN_KEY): 61.6,
-        ("s1", statistics.STDEV_KEY): 18.2,
-        ("s2", statistics.VOXELS_KEY): 0, ("s2", statistics.VOLUME_KEY): 0.0,  # empty spleen: absent
-        ("s3", statistics.VOXELS_KEY): 10, ("s3", statistics.VOLUME_KEY): 0.3,  # a tumour: not an organ
-        ("s4", statistics.VOXELS_KEY): 900, ("s4", statistics.VOLUME_KEY): 24.0,  # no scalar volume plugin result
+        ("s1", organ_volumes.VOXELS_KEY): 56000, ("s1", organ_volumes.VOLUME_KEY): 1520.34, ("s1", organ_volumes.MEAN_KEY): 61.6,
+        ("s1", organ_volumes.STDEV_KEY): 18.2,
+        ("s2", organ_volumes.VOXELS_KEY): 0, ("s2", organ_volumes.VOLUME_KEY): 0.0,  # empty spleen: absent
+        ("s3", organ_volumes.VOXELS_KEY): 10, ("s3", organ_volumes.VOLUME_KEY): 0.3,  # a tumour: not an organ
+        ("s4", organ_volumes.VOXELS_KEY): 900, ("s4", organ_volumes.VOLUME_KEY): 24.0,  # no scalar volume plugin result
     }
     names = {"s1": ("Liver", None), "s2": ("Spleen", None), "s3": ("my tumour", None), "s4": ("Segment_13", terminology_string(ORGANS[12]))}
-    rows, absent = statistics.organ_volumes(stats, names)
-    assert rows == [statistics.OrganVolume("Liver", 1520.34, 61.6, 18.2), statistics.OrganVolume("Left kidney", 24.0, None, None)]
+    rows, absent = organ_volumes.organ_volumes(stats, names)
+    assert rows == [organ_volumes.OrganVolume("Liver", 1520.34, 61.6, 18.2), organ_volumes.OrganVolume("Left kidney", 24.0, None, None)]
     assert "Spleen" in absent and "Liver" not in absent and len(absent) == 11
-    text = statistics.describe_volumes(rows, absent)
+    text = organ_volumes.describe_volumes(rows, absent)
     assert text.splitlines()[:2] == ["Liver: 1520.3 mL, 62 ± 18 HU", "Left kidney: 24.0 mL"]
     assert text.splitlines()[2].startswith("Not found: Right kidney, Spleen")
 
@@ -727,11 +727,11 @@ def test_sample_is_registered_from_the_package(tmp_path):
 
     from DiffusionSegLib.imageio import read_ct
 
-    source = sample.sample_data_source(thumbnail=tmp_path / "icon.png")
-    assert source is not None, f"the sample CT is missing: {sample.sample_path()}"
+    source = sample_data.sample_data_source(thumbnail=tmp_path / "icon.png")
+    assert source is not None, f"the sample CT is missing: {sample_data.sample_path()}"
     assert set(source) <= SAMPLE_DATA_PARAMETERS
     path = Path(url2pathname(urlparse(source["uris"]).path))
-    assert path == sample.sample_path().resolve() == (ROOT / "DiffusionSegLib" / "sample" / "abdomen-ct-a.nii.gz").resolve()
+    assert path == sample_data.sample_path().resolve() == (ROOT / "DiffusionSegLib" / "sample" / "abdomen-ct-a.nii.gz").resolve()
     assert source["checksums"] == "SHA256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     assert source["fileNames"] == path.name and source["loadFileTypes"] == "VolumeFile" and source["thumbnailFileName"] == str(tmp_path / "icon.png")
     assert (path.parent / "LICENSE.txt").is_file()

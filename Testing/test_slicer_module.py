@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from slicer_helpers import FAKE_ERRORS, load_module
 
-from DiffusionSegLib.bridge import dependencies, sample
+from DiffusionSegLib.bridge import dependencies, sample_data
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTENSION = ROOT / "DiffusionSegExtension"
@@ -243,7 +243,7 @@ def test_module_cmake_builds_and_tests_the_scripted_module():
     assert glob == ["${ENGINE_DIR}/*.py", "${ENGINE_DIR}/bridge/*.py"]
     assert "weights" in text and "install(DIRECTORY ${ENGINE_DIR}/weights" in text
     assert "install(DIRECTORY ${ENGINE_DIR}/sample" in text and 'PATTERN "*.nii.gz"' in text
-    assert (ROOT / "DiffusionSegLib" / "sample" / sample.SAMPLE_FILE).is_file()
+    assert (ROOT / "DiffusionSegLib" / "sample" / sample_data.SAMPLE_FILE).is_file()
     assert "add_subdirectory(Testing)" in text and (EXTENSION / "Testing/CMakeLists.txt").is_file()
 
 
@@ -423,8 +423,8 @@ def test_sample_is_registered_in_sample_data(monkeypatch):
     module.registerSampleData()
     assert len(registered) == 1
     source = registered[0]
-    assert source["category"] == "DiffusionSeg" and source["nodeNames"] == sample.SAMPLE_NAME
-    assert source["uris"] == sample.sample_path().resolve().as_uri() and source["thumbnailFileName"].endswith("DiffusionSeg.png")
+    assert source["category"] == "DiffusionSeg" and source["nodeNames"] == sample_data.SAMPLE_NAME
+    assert source["uris"] == sample_data.sample_path().resolve().as_uri() and source["thumbnailFileName"].endswith("DiffusionSeg.png")
 
 
 def test_organ_volumes_come_from_segment_statistics(monkeypatch):

@@ -13,19 +13,19 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 from conftest import same_geometry
-from phantom import FLIPPED_DIRECTION, make_phantom
 from slicer_helpers import LAUNCHER, keep_array_slices, random_tiny_segmentor
 
 from DiffusionSegLib.bridge import commands
-from DiffusionSegLib.bridge.annotation import axial_axis, load_written_labels, painted_slices
+from DiffusionSegLib.bridge.painting import axial_axis, load_written_labels, painted_slices
 from DiffusionSegLib.bridge.progress_parser import Message, ProgressUpdate
 from DiffusionSegLib.bridge.runner import BackgroundRun
-from DiffusionSegLib.bridge.uncertainty import rank_slices, read_report
+from DiffusionSegLib.bridge.slice_ranking import rank_slices, read_report
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.imageio import read_ct, read_labels, write_labelmap
 from DiffusionSegLib.organs import ORGANS, match_organ, organ_by_label, terminology_entry
 from DiffusionSegLib.writeback import prepare_annotation, write_back
+from Training.benchmarks.phantom import FLIPPED_DIRECTION, make_phantom
 
 LIBRARY_PARENT = Path(__file__).resolve().parents[1]
 PAINTED = [3, 6, 9]  # array z slices the "user" paints

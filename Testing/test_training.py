@@ -16,10 +16,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import SHARED_DATA
-from phantom import make_phantom, write_dicom_series
 
 from DiffusionSegLib.cli import main as diffusionseg
 from DiffusionSegLib.models import load_unet
+from Training.benchmarks.phantom import make_phantom, write_dicom_series
 from Training.checkpoint import Checkpoint, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from Training.cli import build_parser
 from Training.cli import main as train

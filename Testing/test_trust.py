@@ -12,7 +12,7 @@ from conftest import shared_data
 from DiffusionSegLib.anatomy_check import anatomy_warnings, lung_base, lung_fractions
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.organ_trust import CHECK_BELOW, VOLUME_RANGES_ML, organ_trust, volume_note
-from DiffusionSegLib.statistics import add_trust, organ_statistics, statistics_table
+from DiffusionSegLib.segment_statistics import add_trust, organ_statistics, statistics_table
 
 CARD = {"provenance": {"metrics": {"held_out": {"organ_dsc": {"liver": 0.93, "pancreas": 0.31}}}}}
 
@@ -119,8 +119,8 @@ def test_segment_of_a_chest_ct_warns_about_the_liver(tmp_path, capsys):
 def test_the_slicer_panel_shows_held_out_dsc_checks_and_warnings():
     import io
 
+    from DiffusionSegLib.bridge.organ_volumes import OrganVolume, describe_volumes
     from DiffusionSegLib.bridge.progress_parser import Message, ProgressParser
-    from DiffusionSegLib.bridge.statistics import OrganVolume, describe_volumes
     from DiffusionSegLib.progress import Progress
 
     stream = io.StringIO()

@@ -27,20 +27,7 @@ from DiffusionSegLib.strategies import ALL_STRATEGIES
 from DiffusionSegLib.strategies import TABLE as STRATEGY_TABLE
 from DiffusionSegLib.unet import PRESETS
 
-from .benchmark_report import write_overlays, write_report
-from .export import export, kept_checkpoints, select_checkpoint
-from .generation_metrics import (
-    GenerationMetrics,
-    check_counts,
-    evaluate_checkpoints,
-    evaluate_generation,
-    load_samples,
-    record_fids,
-    reference_features,
-    reference_subset,
-)
-from .inception import POOL_FEATURES, load_inception
-from .label_efficiency import (
+from .benchmarks.label_efficiency import (
     DEFAULT_BUDGETS,
     DEFAULT_STRATEGIES,
     PROTOCOLS,
@@ -59,9 +46,22 @@ from .label_efficiency import (
     run_benchmark,
     summarise,
 )
+from .benchmarks.label_efficiency_report import write_overlays, write_report
+from .diffusion_samples import DEFAULT_DDIM_STEPS, SAMPLERS, ema_model, sample, sampler_steps, save_grid
+from .export import export, kept_checkpoints, select_checkpoint
+from .generation_metrics import (
+    GenerationMetrics,
+    check_counts,
+    evaluate_checkpoints,
+    evaluate_generation,
+    load_samples,
+    record_fids,
+    reference_features,
+    reference_subset,
+)
+from .inception import POOL_FEATURES, load_inception
 from .prepare import prepare
 from .pretrain import PretrainConfig, pretrain, tf32_matmuls
-from .samples import DEFAULT_DDIM_STEPS, SAMPLERS, ema_model, sample, sampler_steps, save_grid
 
 # What each PretrainConfig setting does, for its --flag's help; the default is appended from the dataclass.
 PRETRAIN_HELP = {

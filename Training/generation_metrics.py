@@ -19,8 +19,8 @@ from tqdm import tqdm
 from DiffusionSegLib.atomic import write_text
 from DiffusionSegLib.errors import InputError
 
+from .diffusion_samples import ema_model, sample
 from .inception import FIDInception, to_inception_input
-from .samples import ema_model, sample
 from .shards import SliceDataset
 
 NEIGHBOURS = 3

@@ -17,7 +17,7 @@ Stages, each a child process in its own process group, in this order:
    its data sheet and against a measured bf16 matmul;
 6. finetune: an FT-dec segmentor on every labelled CT, the partially labelled ones included
    (``diffusionseg finetune`` reads which organs each labelmap holds), for the stage's budget;
-7. figures: the held-out (leave-one-patient-out) figures of ``Training.model_figures --cases segmentor``
+7. figures: the held-out (leave-one-patient-out) figures of ``Training.benchmarks.model_figures --cases segmentor``
    on the fully labelled CTs. A partially labelled CT is not scored there: its unlabelled organs would
    count as false positives.
 
@@ -389,7 +389,7 @@ class Run:
             self.record("figures", None, reason=f"held-out figures need two fully labelled CTs; found {[ct.name for ct in chosen]}")
             return
         folder = self.out / "figures"
-        cmd = self.python("-m", "Training.model_figures", "--pretrained", str(self.pretrained),
+        cmd = self.python("-m", "Training.benchmarks.model_figures", "--pretrained", str(self.pretrained),
                           *[a for ct in chosen for a in ("--ct", ct.name, str(ct.ct), str(ct.labels))], "-o", str(folder), "--cases", "segmentor",
                           "--segmentor-iterations", str(self.s.figures_iterations), "--segmentor-batch", str(self.s.figures_batch))
         self.stage("figures", cmd, cts=[ct.name for ct in chosen],

@@ -4,7 +4,7 @@
 
 The training commands already record what they can see (iterations, seconds, hardware, settings,
 input files). What they cannot know is where the data came from and under which terms, and how the
-model does on patients it never saw; `Training.model_figures` measures that, and this writes it into
+model does on patients it never saw; `Training.benchmarks.model_figures` measures that, and this writes it into
 `model.json` (weights untouched, written atomically). `--cleanup` makes per-organ cleanup the
 segmentor's default (`postprocessing`), to be given only when the figures show it helps. Any absolute
 path of the training machine left in a card (written by an older version) becomes its folder and file
@@ -96,7 +96,7 @@ def held_out_metrics(figures: dict, which: str = "") -> dict:
 
 
 def leave_out_metrics(figures: dict, cleanup: bool, continued: int = 0) -> dict | None:
-    """The segmentor recipe held out (Training.model_figures' leave-out case) as the card's ``metrics.held_out``.
+    """The segmentor recipe held out (Training.benchmarks.model_figures' leave-out case) as the card's ``metrics.held_out``.
 
     Per patient: the model trained on every other labelled CT, scored on all labelled slices of this one, over the
     organs its reference labels (a partial reference scores only its organs). Per organ: the mean over the held-out
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", type=Path, help="pretrained model folder to complete (default: none)")
     parser.add_argument("--segmentor", type=Path, help="segmentation model folder to complete (default: none)")
-    parser.add_argument("--figures", nargs="+", default=[], help="figures.json files from Training.model_figures (default: none)")
+    parser.add_argument("--figures", nargs="+", default=[], help="figures.json files from Training.benchmarks.model_figures (default: none)")
     parser.add_argument("--grown-from", type=Path, help="model.json of the model that started the pretraining run (--init), if any")
     parser.add_argument("--segmentor-built-from", type=Path,
                         help="the pretrained model folder the segmentor was fine-tuned from, when --pretrained has trained on since "

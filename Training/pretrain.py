@@ -35,7 +35,7 @@ from DiffusionSegLib.models import load_unet, resolve_model
 from DiffusionSegLib.unet import PRESETS, UNetConfig, UNetModel, count_parameters, preset_config
 
 from .checkpoint import Checkpoint, latest_checkpoint, load_latest_checkpoint, save_checkpoint
-from .samples import save_sample_grid
+from .diffusion_samples import save_sample_grid
 from .shards import SliceDataset
 
 

@@ -17,14 +17,14 @@
 # 6. fine-tune it with FT-dec on every labelled slice of the three labelled CTs, abdomen-ct-ircadb01 with its
 #    four organs as partial labels (--organs: its other organs are neither learned nor taught as background),
 #    fresh augmentation every iteration, backbone lr 1e-4, batch 8, 300 iterations -> "flare22-segmentor" (float16);
-# 7. held-out figures (Training.model_figures: leave one patient out over the three, the recipe of step 6
+# 7. held-out figures (Training.benchmarks.model_figures: leave one patient out over the three, the recipe of step 6
 #    trained on the other two, with and without cleanup; four painted slices of the held-out patient from that
 #    model and from ddpm-pretrained) and the cards (Training.model_cards);
 # 8. install both into DiffusionSegLib/weights and segment abdomen-ct-a with the default model.
 #
 # Steps 2, 3 and 5 are resumable: rerunning the script continues a stopped run. Everything runs on the CPU
 # unless a GPU is present. Wall times on 2 CPU cores are in the model cards. Held-out figures come from
-# python -m Training.model_figures (see README).
+# python -m Training.benchmarks.model_figures (see README).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -73,9 +73,9 @@ cts=(--ct abdomen-ct-a "$shared/abdomen-ct-a/ct.nii.gz" "$shared/abdomen-ct-a/la
      --ct abdomen-ct-c "$shared/abdomen-ct-c/ct.nii.gz" "$shared/abdomen-ct-c/labels.nii.gz"
      --ct abdomen-ct-ircadb01 "$shared/abdomen-ct-ircadb01/ct.nii.gz" "$shared/abdomen-ct-ircadb01/labels.nii.gz"
      --organs abdomen-ct-a all --organs abdomen-ct-c all)
-python -m Training.model_figures --pretrained "$work/ddpm-pretrained" "${cts[@]}" -o "$work/figures-loo" --cases leave-out \
+python -m Training.benchmarks.model_figures --pretrained "$work/ddpm-pretrained" "${cts[@]}" -o "$work/figures-loo" --cases leave-out \
     --segmentor-iterations 300
-python -m Training.model_figures --pretrained "$work/ddpm-pretrained" "${cts[@]}" -o "$work/figures-loo" --cases four-slice \
+python -m Training.benchmarks.model_figures --pretrained "$work/ddpm-pretrained" "${cts[@]}" -o "$work/figures-loo" --cases four-slice \
     --strategies ft-dec
 
 # Cards: data sources and licences, the earlier stages (64 px, the first 128 px run), held-out metrics;

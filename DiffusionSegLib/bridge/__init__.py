@@ -12,11 +12,11 @@ ranges), `atomic` (a test imports this package with torch, SimpleITK and sliceri
 - `job`: one engine job (a sequence of runs) and the device probe, driven by one poll;
 - `progress_parser`: the engine's ``--progress json`` lines as events;
 - `dependencies`: which Python packages are missing, pip constraints, restart after upgrades;
-- `annotation`: painted slices and the organs they label, write-back merging, the labels last written back;
-- `uncertainty`: reading the uncertainty report and ranking slices;
+- `painting`: painted slices and the organs they label, write-back merging, the labels last written back;
+- `slice_ranking`: reading the uncertainty report and ranking the slices to annotate next;
 - `model_cards`: bundled and user models found by reading ``model.json``;
-- `statistics`: per-organ volumes from Slicer's Segment Statistics results;
-- `sample`: the bundled sample CT for Slicer's Sample Data module.
+- `organ_volumes`: per-organ volumes from Slicer's Segment Statistics results;
+- `sample_data`: the bundled sample CT for Slicer's Sample Data module.
 
 The heavy work (reading images, networks, writing results) runs in a child process; see `DiffusionSegLib.cli`.
 """

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ..organs import FLARE22, LabelSet, terminology_string
-from . import annotation
+from . import painting
 
 ANNOTATED_SLICES_ATTRIBUTE = "DiffusionSeg.AnnotatedSlices"  # JSON list of slice indices the user annotated
-WRITTEN_LABELS_ATTRIBUTE = "DiffusionSeg.WrittenLabels"  # file of the labels last written back (bridge.annotation)
+WRITTEN_LABELS_ATTRIBUTE = "DiffusionSeg.WrittenLabels"  # file of the labels last written back (bridge.painting)
 UNCERTAINTY_ATTRIBUTE = "DiffusionSeg.Uncertainty"  # JSON uncertainty report of the last segmentation
 TEMPORARY_NAME = "DiffusionSeg temporary"
 
@@ -52,7 +52,7 @@ def axial_axis(volume_node) -> int:
     """The IJK axis of the CT that runs along its axial slices (0 = i, 2 = k)."""
     directions = [[0.0] * 3 for _ in range(3)]
     volume_node.GetIJKToRASDirections(directions)
-    return annotation.axial_axis(annotation.lps_direction_from_ras(directions))
+    return painting.axial_axis(painting.lps_direction_from_ras(directions))
 
 
 def remove_with_display_nodes(scene, node) -> None:
@@ -121,7 +121,7 @@ class SceneOps:
             was_modifying = segmentation_node.StartModify()
             try:
                 ids = list(target.GetSegmentIDs())
-                organ_ids = annotation.segment_organ_ids([segment_name_and_terminology(target, i) for i in ids], label_set)
+                organ_ids = painting.segment_organ_ids([segment_name_and_terminology(target, i) for i in ids], label_set)
                 for segment_id, organ in zip(ids, organ_ids, strict=True):
                     if organ is not None:
                         target.RemoveSegment(segment_id)
@@ -224,7 +224,7 @@ class SceneOps:
             if values.shape != tuple(reversed(volume_node.GetImageData().GetDimensions())):
                 raise RuntimeError("The exported labelmap does not match the CT grid; is the segmentation transformed?")
             names = [segment_name_and_terminology(segmentation, i) for i in ids]
-            labels, unmatched = annotation.organ_labels(values, annotation.segment_organ_ids(names, label_set))
+            labels, unmatched = painting.organ_labels(values, painting.segment_organ_ids(names, label_set))
         finally:
             # The export adds a "<name>_ColorTable" node for the labelmap; it goes with it (as slicer.util's array helpers do).
             display = labelmap_node.GetDisplayNode()
@@ -235,14 +235,14 @@ class SceneOps:
         return labels, [segmentation.GetSegment(ids[n]).GetName() for n in unmatched]
 
     def annotation_status(self, segmentation_node, volume_node, label_set: LabelSet = FLARE22) -> dict:
-        """Annotated axial slices, the organs of `label_set` they label (`annotation.annotated_organs`) and unmatched segment
+        """Annotated axial slices, the organs of `label_set` they label (`painting.annotated_organs`) and unmatched segment
         names (numpy only: runs before any install). The engine's ``refine`` takes the same slices and organs from the files."""
         labels, unmatched = self.labels_on_volume(segmentation_node, volume_node, label_set)
         axis = axial_axis(volume_node)
         # written for another CT grid (None): fall back to what was recorded
-        written = annotation.load_written_labels(written_path(segmentation_node), labels.shape)
-        slices = annotation.annotated_slices(labels, axis, written, recorded_slices(segmentation_node))
-        return {**annotation.annotation_summary(labels, slices, axis, written, label_set), "unmatched": unmatched}
+        written = painting.load_written_labels(written_path(segmentation_node), labels.shape)
+        slices = painting.annotated_slices(labels, axis, written, recorded_slices(segmentation_node))
+        return {**painting.annotation_summary(labels, slices, axis, written, label_set), "unmatched": unmatched}
 
     def written_paths_in_use(self) -> list[Path]:
         """The written-labels files of the segmentations in the scene (kept when old ones are pruned)."""

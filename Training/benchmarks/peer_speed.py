@@ -1,6 +1,6 @@
 """A peer in the speed benchmark: a 3D nnU-Net of the shape TotalSegmentator's fast (3 mm) model uses, beside `diffusionseg segment`.
 
-    python Testing/benchmarks/peer_speed.py [--slices 200] [--device auto|cpu|cuda] [--json OUT.json] [--work DIR] [--model MODEL]
+    python -m Training.benchmarks.peer_speed [--slices 200] [--device auto|cpu|cuda] [--json OUT.json] [--work DIR] [--model MODEL]
         [--classes 118] [--patch 128] [--quick]
 
 Both run on the same 512 x 512 x N CT (a phantom at 0.8 x 0.8 x 384/N mm, so that at 3 mm it is 137 x 137 x 128 voxels, the
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "Testing"), str(ROOT)]
+sys.path.insert(0, str(ROOT))  # also run as a file: python Training/benchmarks/NAME.py
 RESULT_MARK = "@@peer-result "
 FEATURES = (32, 64, 128, 256, 320, 320)
 
@@ -232,7 +232,8 @@ def machine(device: str) -> dict:
 
 def write_ct(path: Path, slices: int, xy: int, quick: bool) -> None:
     import SimpleITK as sitk
-    from phantom import make_phantom
+
+    from Training.benchmarks.phantom import make_phantom
 
     # The full form covers 409.6 x 409.6 x 384 mm: 137 x 137 x 128 at 3 mm. The quick one 288 x 288 x 192 mm: 96 x 96 x 64.
     pixel, z = (2.25, 6.0) if quick else (409.6 / xy, 384.0 / slices)
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--patch must be a multiple of 64: the network downsamples five times and instance-normalises what is left")
     xy = 128 if args.quick else 512
     results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(device), "ct": [xy, xy, slices], "classes": classes, "patch": patch,
-                     "command": " ".join(["python", "Testing/benchmarks/peer_speed.py", *argv])}
+                     "command": " ".join(["python", "Training/benchmarks/peer_speed.py", *argv])}
     with tempfile.TemporaryDirectory(prefix="diffusionseg-peer-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

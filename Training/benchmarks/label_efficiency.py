@@ -44,7 +44,6 @@ import SimpleITK as sitk
 import torch
 
 from DiffusionSegLib import strategies
-from DiffusionSegLib.annotations import annotated_input_slices, organs_in
 from DiffusionSegLib.atomic import atomic_path, write_text
 from DiffusionSegLib.errors import InputError
 from DiffusionSegLib.finetune import FinetuneConfig, finetune
@@ -55,6 +54,7 @@ from DiffusionSegLib.preprocessing import ModelSpaceVolume, PreprocessingSpec, l
 from DiffusionSegLib.recipe import new_segmentor
 from DiffusionSegLib.segmentor import Segmentor
 from DiffusionSegLib.strategies import ALL_STRATEGIES, STRATEGIES
+from DiffusionSegLib.training_slices import annotated_input_slices, organs_in
 
 DEFAULT_STRATEGIES = STRATEGIES  # the offered ones; lp-mlp on request
 PROTOCOLS = ("cross", "within")

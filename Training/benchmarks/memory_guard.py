@@ -1,6 +1,6 @@
 """Memory guard (DiffusionSegLib.memory): the peak it predicts next to the peak a real run reaches, side by side.
 
-    python Testing/benchmarks/memory_guard.py [--quick] [--only NAME ...] [--data-dir DIR] [--work DIR] [--json OUT.json]
+    python -m Training.benchmarks.memory_guard [--quick] [--only NAME ...] [--data-dir DIR] [--work DIR] [--json OUT.json]
 
 Each configuration runs the real command (`diffusionseg-train pretrain` or `diffusionseg finetune`, a few iterations) in a
 fresh child process. The prediction is the guard's own: what the run held when it measured (`base`) + the step at the

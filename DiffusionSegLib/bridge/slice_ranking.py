@@ -1,6 +1,6 @@
 """Reading the per-slice uncertainty report and choosing the next slice to annotate (the Slicer side).
 
-The engine writes the report (`DiffusionSegLib.uncertainty`, ``diffusionseg segment --uncertainty``); the
+The engine writes the report (`DiffusionSegLib.slice_uncertainty`, ``diffusionseg segment --uncertainty``); the
 module keeps it on the segmentation and ranks unannotated slices from it. Slices are the input image's
 slice indices along its axial axis, the indices the user sees in Slicer.
 """

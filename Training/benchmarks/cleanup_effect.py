@@ -1,6 +1,6 @@
 """What the labelmap cleanup (DiffusionSegLib/cleanup.py) does to DSC: per organ and mean, without and with it.
 
-    python Testing/benchmarks/cleanup_effect.py --model MODEL --image CT --labels LABELS [--image CT2 --labels LABELS2 ...]
+    python -m Training.benchmarks.cleanup_effect --model MODEL --image CT --labels LABELS [--image CT2 --labels LABELS2 ...]
         [--device auto|cpu|cuda] [--batch-size N] [--min-fraction 0.1] [--max-hole-mm2 1000 | --max-hole-mm2 none] [--json OUT.json]
 
 Each CT is segmented once, without cleanup; the cleanup is then applied to that labelmap, so both columns

@@ -1,6 +1,6 @@
 """Speed and memory benchmarks: segment, fine-tune, pretrain. Prints a table and writes JSON.
 
-    python Testing/benchmarks/benchmark.py [segment] [finetune] [pretrain] [--quick] [--presets small b]
+    python -m Training.benchmarks.speed_memory [segment] [finetune] [pretrain] [--quick] [--presets small b]
         [--device auto|cpu|cuda] [--json OUT.json] [--base MODEL] [--memory-slices N] [--segment-slices N]
 
 No section named: all three. --quick is the reduced form the test suite runs (tiny preset at 64 px,
@@ -42,11 +42,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "Testing"), str(ROOT)]
-from phantom import make_phantom  # noqa: E402
-
+sys.path.insert(0, str(ROOT))  # also run as a file: python Training/benchmarks/NAME.py
 from DiffusionSegLib import strategies  # noqa: E402
-from DiffusionSegLib.annotations import training_slices  # noqa: E402
 from DiffusionSegLib.devices import autocast, configure_cpu, resolve_device  # noqa: E402
 from DiffusionSegLib.diffusion import GaussianDiffusion  # noqa: E402
 from DiffusionSegLib.errors import InputError  # noqa: E402
@@ -60,7 +57,9 @@ from DiffusionSegLib.probability_resampling import probabilities_to_image_space 
 from DiffusionSegLib.recipe import build_segmentor, new_segmentor, random_base  # noqa: E402
 from DiffusionSegLib.segmentor import Segmentor  # noqa: E402
 from DiffusionSegLib.strategies import STRATEGIES  # noqa: E402
+from DiffusionSegLib.training_slices import training_slices  # noqa: E402
 from DiffusionSegLib.unet import PRESETS, UNetModel, preset_config  # noqa: E402
+from Training.benchmarks.phantom import make_phantom  # noqa: E402
 from Training.prepare import prepare  # noqa: E402
 from Training.pretrain import PretrainConfig, pretrain  # noqa: E402
 from Training.shards import SliceDataset  # noqa: E402

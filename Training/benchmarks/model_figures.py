@@ -1,6 +1,6 @@
 """Held-out figures of a pretrained model as a user meets it: the `diffusionseg` commands with their defaults.
 
-    python -m Training.model_figures --pretrained MODEL --ct NAME CT LABELS --ct NAME CT LABELS -o OUT
+    python -m Training.benchmarks.model_figures --pretrained MODEL --ct NAME CT LABELS --ct NAME CT LABELS -o OUT
         [--cases four-slice adapt segmentor] [--adapt 120] [--segmentor-iterations 300] [--segmentor-continue 500]
 
 For every labelled CT X (two or more):
@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from DiffusionSegLib.annotations import annotated_input_slices
 from DiffusionSegLib.atomic import atomic_path, write_text
 from DiffusionSegLib.imageio import read_ct, read_labels
 from DiffusionSegLib.models import read_card, resolve_model
 from DiffusionSegLib.preprocessing import Grid, model_grid
 from DiffusionSegLib.strategies import STRATEGIES
+from DiffusionSegLib.training_slices import annotated_input_slices
 
 from .label_efficiency import curated_slices, evaluate, slice_pool
 

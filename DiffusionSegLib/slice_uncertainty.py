@@ -4,7 +4,7 @@ A slice's uncertainty is the mean normalised entropy of the class probabilities 
 the model's classes: 14 for FLARE22) over the pixels inside the body (CT above -500 HU), so air around the patient, where the
 model is trivially sure, does not dilute it. Slices are reported in the input image's slice indices along
 its axial axis, the indices the user sees in Slicer (and that ``annotated_input_slices`` uses). Reading the
-report and ranking slices is `DiffusionSegLib.bridge.uncertainty`, which Slicer loads without torch.
+report and ranking slices is `DiffusionSegLib.bridge.slice_ranking`, which Slicer loads without torch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import atomic
-from .bridge.uncertainty import METRIC, REPORT_VERSION  # one report format, read by the bridge
+from .bridge.slice_ranking import METRIC, REPORT_VERSION  # one report format, read by the bridge
 from .preprocessing import ModelSpaceVolume
 
 if TYPE_CHECKING:
