@@ -182,8 +182,17 @@ def augment_batch(
     images: torch.Tensor, labels: torch.Tensor, config: AugmentConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random affine warp (bilinear image, nearest labels) and intensity jitter, per slice."""
+    x, y, _ = augment_with(images, labels, None, config, generator)
+    return x, y
+
+
+def augment_with(
+    images: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tensor | None, config: AugmentConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`augment_batch`, and class `probabilities` (B x C x S x S) warped with the images (bilinear; outside the slice is
+    background, as for the labels). The same random draws as `augment_batch`: the images and labels do not change."""
     if not config.enabled:
-        return images, labels
+        return images, labels, probabilities
     b = images.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
@@ -200,6 +209,10 @@ def augment_batch(
     # Outside the slice is air (-1) and background (0).
     warped = F.grid_sample(images + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
     warped_labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    if probabilities is not None:
+        probabilities = F.grid_sample(probabilities.to(grid.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        outside = (1 - probabilities.sum(dim=1)).clamp_min(0)  # the share of each pixel that came from outside the slice
+        probabilities = torch.cat([probabilities[:, :1] + outside[:, None], probabilities[:, 1:]], dim=1)
 
     if config.window_scale > 0:
         bound = math.log1p(config.window_scale)
@@ -208,7 +221,7 @@ def augment_batch(
     contrast = uniform(1 - config.intensity_scale, 1 + config.intensity_scale).to(images.device)
     offset = uniform(-config.intensity_shift, config.intensity_shift).to(images.device)
     warped = (warped * contrast[:, None, None, None] + offset[:, None, None, None]).clamp(-1, 1)
-    return warped, warped_labels[:, 0].long()
+    return warped, warped_labels[:, 0].long(), probabilities
 
 
 class FrozenCache:
@@ -304,13 +317,16 @@ def finetune(
     said through `on_message`; otherwise InputError names a batch size that fits.
     `labelled` (K x C bool, `TrainingSlices.labelled`) marks the classes labelled on each slice (None: all);
     see `segmentation_loss` for how the unlabelled ones are treated. With `keep_unlabelled` (the
-    segmentor already segments those organs: a fine-tuned base) a frozen copy taken before training
-    says what its unlabelled pixels are among background and the unlabelled organs (`keep_loss`).
+    segmentor already segments those organs: a fine-tuned base) the starting model says what its unlabelled
+    pixels are among background and the unlabelled organs (`keep_loss`). It answers once per slice before
+    training, and each batch takes that answer through the batch's own augmentation warp: the base's reading of
+    the clean slice, at the cost of one forward pass per slice instead of one per step.
     """
     if images.shape[0] == 0:
         raise ValueError("no annotated slices to train on")
     partial = labelled is not None and not bool(labelled.all())
-    teacher = _frozen_copy(segmentor, device) if partial and keep_unlabelled and config.keep_weight > 0 else None
+    keep = partial and keep_unlabelled and config.keep_weight > 0
+    teacher = _frozen_copy(segmentor, device) if keep else None
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     segmentor.configure_strategy(config.strategy)
@@ -343,6 +359,10 @@ def finetune(
                 labelled = labelled.repeat(pool // images.shape[0], 1)
             if teacher is not None:  # the pool is fixed, so is the base's answer on it
                 cache.teacher = _teacher_logits(teacher, pool_images, device)
+    # Fresh augmentation: the base's class probabilities on each slice as it is, warped with the batch.
+    # Kept beside the slices (on the CPU, where the batches are augmented).
+    answers = None if teacher is None or cache is not None else _teacher_logits(teacher, images, device).softmax(dim=1).cpu()
+    teacher = None  # not needed any more: its memory goes back before the steps
     losses: list[float] = []
     plateau = PlateauStop(config.patience, config.min_improvement, config.min_iterations)
     stopped_by = "iterations"
@@ -352,13 +372,14 @@ def finetune(
                 pick = torch.randperm(len(cache), generator=generator)[:batch]
                 y = cache.labels[pick.to(cache.labels.device)]
                 logits = cache.logits(segmentor, pick.to(device))
-                reference = None if teacher is None else cache.teacher[pick.to(device)]
+                reference = cache.teacher[pick.to(device)] if keep else None
             else:
                 pick = torch.randperm(images.shape[0], generator=generator)[:batch]
-                x, y = augment_batch(images[pick], labels[pick], config.augment, generator)
+                x, y, answer = augment_with(images[pick], labels[pick], None if answers is None else answers[pick],
+                                            config.augment, generator)
                 x, y = x.to(device), y.to(device)
                 logits = _logits(segmentor, x)
-                reference = None if teacher is None else _teacher_logits(teacher, x, device)
+                reference = None if answer is None else answer.to(device).clamp_min(1e-12).log()  # keep_loss renormalises what it compares
         picked = None if labelled is None else labelled[pick]
         loss = segmentation_loss(logits.float(), y, config, picked)
         if reference is not None:

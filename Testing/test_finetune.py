@@ -13,6 +13,7 @@ from DiffusionSegLib.finetune import (
     FinetuneConfig,
     PlateauStop,
     augment_batch,
+    augment_with,
     augmented_pool,
     cache_pool_size,
     class_frequencies,
@@ -59,6 +60,26 @@ def test_augmentation_keeps_shapes_values_and_labels_aligned():
     assert not torch.equal(y, labels)
     same = augment_batch(images, labels, AugmentConfig(enabled=False), g)
     assert same[0] is images
+
+
+def test_class_probabilities_follow_the_warp_of_their_slice():
+    """The keep loss's reference (the base's probabilities on the clean slice) goes through the batch's own warp: the same
+    draws as augment_batch, so images and labels do not change, and probabilities that still sum to 1, background outside."""
+    labels = torch.zeros(4, 32, 32, dtype=torch.long)
+    labels[:, 8:24, 10:26] = 3
+    images = torch.where(labels == 3, 0.5, -0.5)[:, None].float()
+    probabilities = torch.nn.functional.one_hot(labels, 5).permute(0, 3, 1, 2).float()
+    config = AugmentConfig(probability=1.0, rotate_deg=20, scale=0.2, translate=0.2)
+    x, y = augment_batch(images, labels, config, torch.Generator().manual_seed(3))
+    x2, y2, warped = augment_with(images, labels, probabilities, config, torch.Generator().manual_seed(3))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert warped.shape == probabilities.shape
+    assert torch.allclose(warped.sum(dim=1), torch.ones(4, 32, 32), atol=1e-5)
+    agree = (warped.argmax(dim=1) == y).float().mean()
+    assert agree > 0.97  # bilinear against nearest: only edge pixels may differ
+    assert warped[:, 0][y == 0].mean() > 0.95  # outside the moved square, and the border the warp brings in, are background
+    same = augment_with(images, labels, probabilities, AugmentConfig(enabled=False), torch.Generator())
+    assert same[2] is probabilities
 
 
 def test_window_jitter_scales_about_air():

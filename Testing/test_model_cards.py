@@ -94,3 +94,29 @@ def test_a_segmentor_built_from_an_earlier_backbone_says_so(tmp_path):
     assert "after 800 iterations" in note and "1804 iterations more" in note
     complete_segmentor(folder, FIGURES, cleanup=False)
     assert "base_note" in read_card(folder).provenance  # a later completion without the flag keeps what was said
+
+
+def _leave_out_record(held_out: str, trained_on: list[str], dsc: float) -> dict:
+    return {"held_out": held_out, "trained_on": trained_on, "iterations": 1,
+            held_out: {"mean_dsc": dsc, "organs": {"liver": {"dsc": dsc, "ref_voxels": 10}}}, "held_out_dsc": dsc}
+
+
+def test_a_continued_segmentor_is_judged_by_its_second_stage(tmp_path):
+    """A segmentor continued from another one (its card's base is a segmentor) gets the leave-out figures of the recipe's
+    second stage ('+N', N its own iterations); one trained from the pretrained model gets the first stage's."""
+    figures = {
+        "without-a-cleanup": _leave_out_record("a", ["c"], 0.2),
+        "without-c-cleanup": _leave_out_record("c", ["a"], 0.3),
+        "without-a+500-cleanup": _leave_out_record("a", ["c"], 0.5),
+        "without-c+500-cleanup": _leave_out_record("c", ["a"], 0.6),
+    }
+    config = preset_config("tiny")
+    segmentor = Segmentor(config, 32)
+    for kind, iterations, expected in (("pretrained", 300, 0.25), ("segmentor", 500, 0.55)):
+        card = ModelCard(kind="segmentor", unet=config, preprocessing=PreprocessingSpec.for_size(config.image_size),
+                         head={"width": 32, "layers": 2}, strategy="ft-dec", preset="tiny", name="s",
+                         provenance={"data": [], "base": {"name": "b", "kind": kind}, "iterations": iterations})
+        folder = save_model(tmp_path / kind, card, segmentor.state_dict())
+        complete_segmentor(folder, figures, cleanup=True)
+        held_out = read_card(folder).provenance["metrics"]["held_out"]
+        assert held_out["mean_dsc"] == expected, kind

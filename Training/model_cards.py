@@ -184,7 +184,10 @@ def complete_segmentor(folder: Path, figures: dict, cleanup: bool, built_from: P
     own = licence_of(card.provenance["data_sources"])  # the base's terms (kept by finetune) plus the labelled CTs' own
     if own:
         card.licence = {"use": "non-commercial", "because": [*card.licence.get("because", []), *own["because"]]}
-    held_out = leave_out_metrics(figures, cleanup)
+    # A segmentor continued from another (the recipe's second stage) is judged by the figures of that stage.
+    base = card.provenance.get("base") or {}
+    continued = int(card.provenance.get("iterations") or 0) if base.get("kind") == "segmentor" else 0
+    held_out = leave_out_metrics(figures, cleanup, continued)
     if held_out is not None:
         card.provenance["metrics"] = {"held_out": held_out}
     else:
