@@ -451,8 +451,12 @@ def _fit_batch(segmentor: Segmentor, images: torch.Tensor, labels: torch.Tensor,
     """The batch size a step fits with: measured on one slice through the trainable part (what a step's backward needs)."""
     batch = min(config.batch_size, images.shape[0])
     x, y = images[:1].to(device), labels[:1].to(device)
-    memory = measure_step(segmentor, lambda: segmentation_loss(_logits(segmentor, x).float(), y, config))
+
+    def loss_at(n: int) -> torch.Tensor:  # copies of one slice: there may be a single training slice
+        return segmentation_loss(_logits(segmentor, x.repeat(n, *(1,) * (x.dim() - 1))).float(), y.repeat(n, *(1,) * (y.dim() - 1)), config)
+
     cache = free * CACHE_SHARE if segmentor.frozen_parts() and config.cache_copies > 0 else 0
+    memory = measure_step(segmentor, loss_at, batch, available=int(free - cache))
     decision = fit_batch(memory, batch, device, may_lower=may_lower and device.type == "cpu", what="finetune", available=int(free - cache))
     if decision.note and on_message is not None:
         on_message(decision.note)

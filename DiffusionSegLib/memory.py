@@ -4,8 +4,16 @@ A training step needs what the model already holds (weights, EMA) plus, once it 
 Adam's two moments of every trainable parameter, and the activations autograd saves for the backward
 pass. The activations grow with the batch and dominate at large slices (a 256 px slice with attention
 at 1/4 resolution has 4,096 tokens, so every attention layer saves a 4,096 x 4,096 matrix per head).
-They are measured, not guessed: one forward pass at batch 1 on the real model and device, with every
-tensor saved for backward counted once. That is compared with the memory free on the device (the
+
+They are measured, not guessed. First one forward pass at batch 1 counts every tensor autograd saves for
+backward (cheap, and safe: nothing is allocated beyond that pass); that estimate says which batch a real
+pass may be tried at. Then, where the process's peak memory can be read and reset (Linux's VmHWM, a GPU's
+peak allocation), real forward and backward passes at batch 1 and at the batch asked for (or the largest
+the estimate allows) give the step's peak directly, and a line through the two points its peak at any
+other batch. The saved tensors alone do not predict it well: on the CPU what glibc's heap holds beyond the
+live tensors differs by preset, batch and CPU (docs/memory-guard.md).
+The measuring passes leave nothing behind: gradients, buffers (normalisation statistics) and the random
+number generators are as they were. The step is compared with the memory free on the device (the
 machine's available RAM within any cgroup limit, or the GPU's free memory), keeping a margin.
 """
 
@@ -19,6 +27,7 @@ import platform
 import re
 import sys
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +37,12 @@ from .errors import InputError
 from .unet import PRESETS, UNetConfig
 
 HEADROOM = 0.8  # use at most this fraction of the free memory: other processes grow too, and the prediction is within 15 %
-# Peak of a step per byte saved for backward: the saved activations, the gradients backward creates beside them, and
-# (on the CPU) what glibc's heap cannot reuse after the first steps. Fitted to Training/benchmarks/memory_guard.py.
+# The estimate from saved tensors, used to decide whether the real passes may run and where a peak cannot be read
+# (not Linux, Apple MPS). Peak of a step per byte saved for backward: the saved activations, the gradients backward
+# creates beside them, and (on the CPU) what glibc's heap cannot reuse after the first steps.
 CPU_TRANSIENT = 1.5
-GPU_TRANSIENT = 1.3  # not yet measured on a GPU (docs/memory-guard.md)
+GPU_TRANSIENT = 1.3
 ATTENTION_BACKWARD = 2.0  # softmax's backward holds two more tokens x tokens matrices of the layer it is in
-# On the CPU a step also holds, whatever the batch, about ten times one sample's largest attention layer beyond the
-# above: the peak minus the prediction was the same at batch 1 and 2 (1.2 GiB for tiny at 256 px, whose largest layer
-# is 0.125 GiB; 0.08 GiB at 128 px, layer 0.008 GiB) in Training/benchmarks/memory_guard.py; docs/memory-guard.md.
-CPU_ATTENTION_FIXED = 10.0
 MIN_TOKENS = 16  # smaller square tensors are not attention (and too small to matter)
 # What each data loader process holds of its own (its Python heap, the batches it prepares): 10-46 MiB measured
 # privately per worker at 64-256 px (Training/benchmarks/memory_guard.py); the pages it shares with the main process
@@ -149,7 +155,10 @@ def saved_activations(forward: Callable[[], torch.Tensor], exclude: Iterable[tor
         key = (str(tensor.device), storage.data_ptr())
         if key not in held:
             seen[key] = (storage.nbytes(), _is_attention_matrix(tensor))
-        return tensor
+        # Detached: the tensor itself would be a reference cycle through its own grad_fn wherever a layer saves its
+        # output (softmax, exp), which Python's collector cannot see, so the graph and all it saved would never be
+        # freed. The alias keeps the storage alive until the graph goes, so no two saved tensors share an address.
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = forward()
@@ -172,10 +181,11 @@ class StepMemory:
     """
 
     fixed: int  # gradients, optimiser state and the optimiser's temporaries of the trainable parameters
-    per_sample: int  # one sample's saved activations with the backward pass's transients and the allocator's share
+    per_sample: int  # what one more sample adds to the step's peak: its activations, the backward's transients, the allocator's share
     base: int = 0
     per_worker: int = 0
-    saved: SavedActivations | None = None  # what per_sample was derived from (for reports)
+    saved: SavedActivations | None = None  # what the estimate was derived from (for reports)
+    measured: bool = False  # fixed and per_sample come from real passes (else from the saved tensors alone)
 
     def at(self, batch: int) -> int:
         return self.fixed + batch * self.per_sample
@@ -197,24 +207,104 @@ def per_sample_bytes(saved: SavedActivations, device: torch.device) -> int:
     return math.ceil(saved.total * CPU_TRANSIENT + saved.largest_attention * ATTENTION_BACKWARD)
 
 
-def measure_step(model: torch.nn.Module, forward_one: Callable[[], torch.Tensor], optimizer_moments: int = 2) -> StepMemory:
-    """StepMemory of a training step of `model` from one forward pass at batch 1 (`forward_one` returns the loss).
+def _read_peak_rss() -> int | None:
+    try:
+        match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
 
-    `optimizer_moments`: state tensors the optimiser keeps per parameter (Adam: 2).
+
+def _reset_peak_rss() -> bool:
+    """Set this process's recorded peak resident memory (VmHWM) back to what it holds now (Linux 4.0+)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_readable(device: torch.device) -> bool:
+    """Whether the peak memory of a stretch of work can be measured on `device` (a GPU, or a Linux CPU)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _read_peak_rss() is not None and _reset_peak_rss()
+
+
+def peak_during(device: torch.device, work: Callable[[], object]) -> int:
+    """Bytes the process held at its peak while `work()` ran: resident memory, or GPU memory allocated (as
+    `process_memory`); `peak_readable` must be true."""
+    release_freed_memory()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        work()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    _reset_peak_rss()
+    work()
+    return _read_peak_rss() or process_memory(device)
+
+
+@contextmanager
+def _no_trace(model: torch.nn.Module, device: torch.device):
+    """Whatever runs inside leaves the model's gradients and buffers and the random number generators as they were."""
+    parameters, buffers = list(model.parameters()), list(model.buffers())
+    grads = [p.grad for p in parameters]
+    saved_buffers = [b.detach().clone() for b in buffers]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, g in zip(parameters, grads):
+                    p.grad = g
+                for b, saved in zip(buffers, saved_buffers):
+                    b.copy_(saved)
+
+
+def measure_step(model: torch.nn.Module, loss_at: Callable[[int], torch.Tensor], batch: int, optimizer_moments: int = 2,
+                 available: int | None = None) -> StepMemory:
+    """StepMemory of a training step of `model` at `batch` (and, by a line through it, at other batches); `loss_at(n)`
+    returns the loss of a batch of n samples.
+
+    `optimizer_moments`: state tensors the optimiser keeps per parameter (Adam: 2). `available`: bytes free for the
+    step (default: what `available_memory` says); real passes run only at a batch the estimate says fits in it.
     """
     parameters = list(model.parameters())
     device = parameters[0].device if parameters else torch.device("cpu")
     release_freed_memory()
     base = process_memory(device)
     trainable = sum(p.numel() * p.element_size() for p in parameters if p.requires_grad)
-    # gradient + moments + the foreach update's temporaries (Adam: one tensor the size of the parameters)
-    fixed = trainable * (1 + optimizer_moments + (1 if optimizer_moments else 0))
-    saved = saved_activations(forward_one, exclude=[*parameters, *model.buffers()])
+    # Adam's moments + the foreach update's temporaries (one tensor the size of the parameters); never part of a pass
+    optimizer = trainable * (optimizer_moments + (1 if optimizer_moments else 0))
+    with _no_trace(model, device):
+        saved = saved_activations(lambda: loss_at(1), exclude=[*parameters, *model.buffers()])
     release_freed_memory()
-    if device.type != "cuda":
-        fixed += math.ceil(saved.largest_attention * CPU_ATTENTION_FIXED)
     per_worker = 0 if device.type == "cuda" else WORKER_BYTES
-    return StepMemory(fixed, per_sample_bytes(saved, device), base, per_worker, saved)
+    estimate = StepMemory(optimizer + trainable, per_sample_bytes(saved, device), base, per_worker, saved)  # + the gradients
+    budget = int((available_memory(device) if available is None else available) * HEADROOM)
+    largest = min(batch, estimate.largest_batch(budget))
+    if largest < 1 or not peak_readable(device):
+        return estimate
+
+    def peak(n: int, times: int) -> int:
+        """The highest peak of `times` passes at batch n, above `base`."""
+        return max(peak_during(device, lambda: loss_at(n).backward()) for _ in range(times)) - base
+
+    # Peaks are taken against `base`: what a pass initialises once (kernels, the autograd engine) stays, and is counted
+    # in every one. A first pass runs in a heap no step has used yet and peaks lower than later ones (by a fifth for
+    # tiny at 256 px on the CPU), so it only warms up; of the passes after it, the highest counts.
+    with _no_trace(model, device):
+        peak_during(device, lambda: loss_at(1).backward())
+        one = peak(1, 2 if largest == 1 else 1)
+        at_largest = peak(largest, 2) if largest > 1 else one
+    release_freed_memory()
+    # The line through the two measured points; one point only: the estimate's slope through it.
+    per_sample = max((at_largest - one) // (largest - 1), 1) if largest > 1 else estimate.per_sample
+    fixed = optimizer + max(at_largest - largest * per_sample, 0)
+    return StepMemory(fixed, per_sample, base, per_worker, saved, measured=True)
 
 
 def preset_size_note(preset: str, native: UNetConfig, size: int, per_sample: int) -> str | None:

@@ -6,6 +6,7 @@ The README's "Reliability" table lists each fault with the test here (or elsewhe
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from DiffusionSegLib import atomic
 from DiffusionSegLib.cli import main as diffusionseg
 from DiffusionSegLib.diffusion import GaussianDiffusion
 from DiffusionSegLib.errors import InputError
-from DiffusionSegLib.memory import CPU_ATTENTION_FIXED, StepMemory, default_workers, fit_batch, measure_step
+from DiffusionSegLib.memory import StepMemory, default_workers, fit_batch, measure_step, saved_activations
 from DiffusionSegLib.models import ModelCard, load_segmentor, save_model
 from DiffusionSegLib.preprocessing import PreprocessingSpec
 from DiffusionSegLib.segmentor import Segmentor
@@ -146,9 +148,9 @@ def test_nan_loss_or_gpu_out_of_memory_stops_and_keeps_the_last_good_checkpoint(
     original, calls = GaussianDiffusion.training_loss, [0]
 
     def failing(self, model, x0, *args, **kwargs):
-        calls[0] += 1
+        calls[0] += bool((x0 != 0).any())  # training steps; the memory guard measures on blank slices
         loss = original(self, model, x0, *args, **kwargs)
-        if calls[0] == 6:  # the 5th training step (the first call measures memory)
+        if calls[0] == 5 and (x0 != 0).any():  # the 5th training step
             if fault == "out-of-memory":
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return loss * float("nan")
@@ -191,34 +193,68 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason=
 
 
 @needs_proc
-def test_step_memory_is_measured_and_scales_with_the_batch():
+def test_step_memory_is_measured_and_predicts_a_real_step():
     model = UNetModel(preset_config("tiny", 64))
     diffusion = GaussianDiffusion("cosine", 1000)
-    small = measure_step(model, lambda: diffusion.training_loss(model, torch.zeros(1, 1, 64, 64)))
+    small = measure_step(model, lambda n: diffusion.training_loss(model, torch.zeros(n, 1, 64, 64)), 4)
     large = UNetModel(preset_config("tiny", 128))
-    big = measure_step(large, lambda: diffusion.training_loss(large, torch.zeros(1, 1, 128, 128)))
+    big = measure_step(large, lambda n: diffusion.training_loss(large, torch.zeros(n, 1, 128, 128)), 4)
+    assert small.measured and big.measured
     params = sum(p.numel() * 4 for p in model.parameters())
-    # gradients + Adam's two moments + the foreach update's temporary, and the CPU's batch-independent attention term
-    assert small.fixed == 4 * params + math.ceil(small.saved.largest_attention * CPU_ATTENTION_FIXED)
-    assert 3.5 < big.per_sample / small.per_sample < 6  # 4x the pixels; attention grows faster
-    # A real step's memory growth: measured against the estimate in a fresh process (RSS peak).
+    assert small.fixed >= 3 * params  # Adam's two moments and the update's temporary are never part of a pass
+    assert 2.5 < big.per_sample / small.per_sample < 8  # 4x the pixels; attention grows faster
+    # In a fresh process (its own peak): the guard's prediction at batch 8 against a real step at batch 8, the
+    # optimiser's first step included. The measuring passes run before `before`, so they cannot raise the step's peak.
     script = PEAK + textwrap.dedent("""
         import torch
+        from DiffusionSegLib.devices import configure_cpu
         from DiffusionSegLib.diffusion import GaussianDiffusion
-        from DiffusionSegLib.memory import measure_step
+        from DiffusionSegLib.memory import _reset_peak_rss, measure_step, process_memory
         from DiffusionSegLib.unet import UNetModel, preset_config
+        configure_cpu()
         torch.set_num_threads(1)
         model, diffusion = UNetModel(preset_config("tiny", 64)), GaussianDiffusion("cosine", 1000)
-        estimate = measure_step(model, lambda: diffusion.training_loss(model, torch.zeros(1, 1, 64, 64))).at(8)
-        before = peak()
+        memory = measure_step(model, lambda n: diffusion.training_loss(model, torch.zeros(n, 1, 64, 64)), 8)
         optimizer = torch.optim.Adam(model.parameters())
-        diffusion.training_loss(model, torch.randn(8, 1, 64, 64)).backward()
-        optimizer.step()
-        print(estimate, peak() - before)
+        _reset_peak_rss()
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            diffusion.training_loss(model, torch.randn(8, 1, 64, 64)).backward()
+            optimizer.step()
+        print(memory.total(8), peak())
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    estimate, used = map(int, done.stdout.split())
-    assert 0.6 * used < estimate < 2.5 * used
+    predicted, measured = map(int, done.stdout.split())
+    assert 0.8 * measured < predicted < 1.25 * measured, (predicted / 2**20, measured / 2**20)
+
+
+def test_the_estimate_pass_frees_all_it_saved():
+    """A layer that saves its own output (exp, softmax) must not keep it alive through the measuring hook."""
+    x = torch.randn(64, 64, requires_grad=True)
+    kept = []
+
+    def forward():
+        y = torch.exp(x * 2)  # exp saves its result for backward
+        kept.append(weakref.ref(y))
+        return y.sum()
+
+    saved = saved_activations(forward)
+    gc.collect()
+    assert saved.total >= 64 * 64 * 4
+    assert kept[0]() is None
+
+
+def test_measuring_leaves_the_model_and_random_numbers_as_they_were():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4))  # running statistics: buffers
+    model.train()
+    buffers = [b.clone() for b in model.buffers()]
+    x = torch.randn(1, 1, 32, 32)
+    rng = torch.get_rng_state()
+    memory = measure_step(model, lambda n: torch.nn.functional.dropout(model(x.repeat(n, 1, 1, 1)), 0.5).square().mean(), 2)
+    assert memory.per_sample > 0 and memory.at(2) > memory.at(1)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())
 
 
 def test_a_batch_that_does_not_fit_is_lowered_on_the_cpu_or_refused_naming_one_that_fits():
@@ -238,15 +274,10 @@ def test_a_batch_that_does_not_fit_is_lowered_on_the_cpu_or_refused_naming_one_t
 def test_pretrain_lowers_the_default_batch_and_refuses_a_given_one(slices, tmp_path, capsys, monkeypatch):
     from DiffusionSegLib import memory
 
-    measured = {}
-    original = memory.measure_step
-
-    def measure(*args, **kwargs):
-        measured["step"] = original(*args, **kwargs)
-        return measured["step"]
-
-    monkeypatch.setattr("Training.pretrain.measure_step", measure)
-    monkeypatch.setattr(memory, "available_ram", lambda: int((measured["step"].at(2) + 1000) / memory.HEADROOM))  # batch 2 fits, 3 not
+    # The measurement has its own tests; here what pretrain does with it. Batch 2 fits, 3 does not.
+    step = StepMemory(fixed=100 << 20, per_sample=200 << 20)
+    monkeypatch.setattr("Training.pretrain.measure_step", lambda *args, **kwargs: step)
+    monkeypatch.setattr(memory, "available_ram", lambda: int((step.at(2) + 1000) / memory.HEADROOM))
     common = ["pretrain", "--data", str(slices), "--preset", "tiny", "--workers", "0", "--sample-every", "0", "--no-progress", "--iterations", "1"]
     assert train([*common, "--out", str(tmp_path / "a")]) == 0
     assert "training with batch 2 instead (set --batch-size to choose)" in capsys.readouterr().err

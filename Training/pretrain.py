@@ -30,7 +30,7 @@ from DiffusionSegLib.atomic import write_text
 from DiffusionSegLib.devices import describe_hardware
 from DiffusionSegLib.diffusion import GaussianDiffusion
 from DiffusionSegLib.errors import InputError
-from DiffusionSegLib.memory import default_workers, fit_batch, measure_step, out_of_memory_message, preset_size_note
+from DiffusionSegLib.memory import available_memory, default_workers, fit_batch, measure_step, out_of_memory_message, preset_size_note
 from DiffusionSegLib.models import load_unet, resolve_model
 from DiffusionSegLib.unet import PRESETS, UNetConfig, UNetModel, count_parameters, preset_config
 
@@ -262,14 +262,16 @@ def pretrain(data: str | Path, run_dir: str | Path, config: PretrainConfig, resu
 def _guard_memory(model: UNetModel, diffusion: GaussianDiffusion, config: PretrainConfig, size: int, device: torch.device, env: Distributed,
                   may_lower: bool, run_dir: Path, bf16: bool, workers: int = 0) -> int:
     """The batch size a step fits with (see DiffusionSegLib.memory), measured before the first step in the precision training uses."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)) if device.type == "cpu" else 1
+    free = available_memory(device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        memory = measure_step(model, lambda: diffusion.training_loss(model, torch.zeros(1, 1, size, size, device=device)))
+        memory = measure_step(model, lambda n: diffusion.training_loss(model, torch.zeros(n, 1, size, size, device=device)),
+                              config.batch_size, available=free // processes)
     note = preset_size_note(config.preset, PRESETS[config.preset], size, memory.per_sample)
     if note and env.main:
         print(note, file=sys.stderr)
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)) if device.type == "cpu" else 1
     decision = fit_batch(memory, config.batch_size, device, may_lower=may_lower and device.type == "cpu" and env.world_size == 1,
-                         what=f"pretrain {run_dir}", processes=processes, workers=workers)
+                         what=f"pretrain {run_dir}", available=free, processes=processes, workers=workers)
     if decision.note and env.main:
         print(decision.note, file=sys.stderr)
     return decision.batch_size

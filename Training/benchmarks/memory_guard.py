@@ -46,7 +46,7 @@ def recording(fit_batch):
         decision = fit_batch(step, batch_size, device, **kw)
         record.update(base=step.base, fixed=step.fixed, per_sample=step.per_sample, per_worker=step.per_worker, batch=decision.batch_size,
                       workers=kw.get("workers", 0), saved=step.saved.total, attention=step.saved.attention,
-                      largest_attention=step.saved.largest_attention, predicted=step.total(decision.batch_size, kw.get("workers", 0)))
+                      largest_attention=step.saved.largest_attention, measured_step=step.measured, predicted=step.total(decision.batch_size, kw.get("workers", 0)))
         return decision
     return wrapped
 
@@ -63,15 +63,20 @@ def kb(text, key):
     match = re.search(key + r":\s+(\d+) kB", text)
     return int(match.group(1)) * 1024 if match else 0
 
+# Only the data loader's worker processes are counted, known by being started through multiprocessing: any other child
+# (`uname -p` behind platform.processor(), say) is a fork whose copy-on-write pages read as private until it execs.
+import multiprocessing.process
+loader_pids = set()
+start = multiprocessing.process.BaseProcess.start
+def starting(process):
+    start(process)
+    loader_pids.add(process.pid)
+multiprocessing.process.BaseProcess.start = starting
+
 workers, done = {}, threading.Event()
 def poll():
-    me = str(os.getpid())
     while not done.is_set():
-        try:
-            children = {pid for task in os.listdir(f"/proc/{me}/task") for pid in open(f"/proc/{me}/task/{task}/children").read().split()}
-        except OSError:
-            children = set()
-        for pid in children:
+        for pid in list(loader_pids):
             try:
                 text = open(f"/proc/{pid}/smaps_rollup").read()
             except OSError:
@@ -119,10 +124,12 @@ def grid(data: dict[int, Path], work: Path) -> list[dict]:
     pretrain("tiny", 128, 4, 0)
     pretrain("tiny", 256, 1, 0)
     pretrain("tiny", 256, 2, 1)
+    pretrain("tiny", 256, 3, 0)
     pretrain("small", 64, 8, 0)
     pretrain("small", 128, 4, 0)
     pretrain("small", 256, 1, 0)
     pretrain("small", 256, 2, 2)
+    pretrain("small", 256, 4, 0)
     # The command (tiny on prepare's default 256 px, batch and workers by default), with the free RAM capped.
     pretrain("tiny", 256, None, None, free_cap=8 * GIB)
     finetune("fs", "tiny", 4)
