@@ -167,11 +167,6 @@ def saved_activations(forward: Callable[[], torch.Tensor], exclude: Iterable[tor
     return SavedActivations(sum(n for n, _ in seen.values()), sum(attention), max(attention, default=0))
 
 
-def saved_activation_bytes(forward: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the tensors autograd keeps for backward while `forward()` runs, each storage counted once."""
-    return saved_activations(forward).total
-
-
 @dataclass(frozen=True)
 class StepMemory:
     """Bytes one training step adds to what the process already holds: fixed + batch x per_sample.
