@@ -274,12 +274,23 @@ def measure_step(model: torch.nn.Module, loss_at: Callable[[int], torch.Tensor],
     trainable = sum(p.numel() * p.element_size() for p in parameters if p.requires_grad)
     # Adam's moments + the foreach update's temporaries (one tensor the size of the parameters); never part of a pass
     optimizer = trainable * (optimizer_moments + (1 if optimizer_moments else 0))
-    with _no_trace(model, device):
-        saved = saved_activations(lambda: loss_at(1), exclude=[*parameters, *model.buffers()])
-    release_freed_memory()
     per_worker = 0 if device.type == "cuda" else WORKER_BYTES
-    estimate = StepMemory(optimizer + trainable, per_sample_bytes(saved, device), base, per_worker, saved)  # + the gradients
     budget = int((available_memory(device) if available is None else available) * HEADROOM)
+
+    def out_of_memory() -> StepMemory:
+        """Not even one sample's pass ran: a step needs more than the budget (what fit_batch then refuses)."""
+        release_freed_memory()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return StepMemory(optimizer + trainable, max(budget, 1), base, per_worker, None, measured=True)
+
+    try:
+        with _no_trace(model, device):
+            saved = saved_activations(lambda: loss_at(1), exclude=[*parameters, *model.buffers()])
+    except torch.OutOfMemoryError:
+        return out_of_memory()
+    release_freed_memory()
+    estimate = StepMemory(optimizer + trainable, per_sample_bytes(saved, device), base, per_worker, saved)  # + the gradients
     largest = min(batch, estimate.largest_batch(budget))
     if largest < 1 or not peak_readable(device):
         return estimate
@@ -290,11 +301,22 @@ def measure_step(model: torch.nn.Module, loss_at: Callable[[int], torch.Tensor],
 
     # Peaks are taken against `base`: what a pass initialises once (kernels, the autograd engine) stays, and is counted
     # in every one. A first pass runs in a heap no step has used yet and peaks lower than later ones (by a fifth for
-    # tiny at 256 px on the CPU), so it only warms up; of the passes after it, the highest counts.
+    # tiny at 256 px on the CPU), so it only warms up; of the passes after it, the highest counts. A pass that runs
+    # out of memory (the estimate was too low: a GPU shared with other jobs) is tried again at half the batch.
     with _no_trace(model, device):
-        peak_during(device, lambda: loss_at(1).backward())
-        one = peak(1, 2 if largest == 1 else 1)
-        at_largest = peak(largest, 2) if largest > 1 else one
+        while True:
+            try:
+                peak_during(device, lambda: loss_at(1).backward())
+                one = peak(1, 2 if largest == 1 else 1)
+                at_largest = peak(largest, 2) if largest > 1 else one
+                break
+            except torch.OutOfMemoryError:
+                if largest == 1:
+                    return out_of_memory()
+                release_freed_memory()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                largest //= 2
     release_freed_memory()
     # The line through the two measured points; one point only: the estimate's slope through it.
     per_sample = max((at_largest - one) // (largest - 1), 1) if largest > 1 else estimate.per_sample

@@ -257,6 +257,26 @@ def test_measuring_leaves_the_model_and_random_numbers_as_they_were():
     assert torch.equal(rng, torch.get_rng_state())
 
 
+def test_a_measuring_pass_that_runs_out_of_memory_is_tried_at_half_the_batch():
+    model = torch.nn.Conv2d(1, 8, 3, padding=1)
+    x = torch.randn(1, 1, 64, 64)
+    limit = [8]
+
+    def loss_at(n: int) -> torch.Tensor:
+        if n > limit[0]:
+            raise torch.OutOfMemoryError(f"a batch of {n} does not fit")
+        return model(x.repeat(n, 1, 1, 1)).square().mean()
+
+    free = 64 << 30
+    assert measure_step(model, loss_at, 8, available=free).measured  # fits: measured at 8
+    limit[0] = 3  # 8 and 4 run out of memory, 2 does not: the line is measured through 1 and 2
+    halved = measure_step(model, loss_at, 8, available=free)
+    assert halved.measured and halved.per_sample >= 1 and all(p.grad is None for p in model.parameters())
+    limit[0] = 0  # not even one sample: nothing fits, whatever the estimate said
+    none = measure_step(model, loss_at, 8, available=free)
+    assert none.largest_batch(int(free * 0.8)) == 0
+
+
 def test_a_batch_that_does_not_fit_is_lowered_on_the_cpu_or_refused_naming_one_that_fits():
     memory = StepMemory(fixed=100 << 20, per_sample=200 << 20)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
