@@ -277,11 +277,14 @@ def measure_step(model: torch.nn.Module, loss_at: Callable[[int], torch.Tensor],
     per_worker = 0 if device.type == "cuda" else WORKER_BYTES
     budget = int((available_memory(device) if available is None else available) * HEADROOM)
 
-    def out_of_memory() -> StepMemory:
-        """Not even one sample's pass ran: a step needs more than the budget (what fit_batch then refuses)."""
+    def free_failed_pass() -> None:
         release_freed_memory()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def out_of_memory() -> StepMemory:
+        """Not even one sample's pass ran: a step needs more than the budget (what fit_batch then refuses)."""
+        free_failed_pass()
         return StepMemory(optimizer + trainable, max(budget, 1), base, per_worker, None, measured=True)
 
     try:
@@ -313,9 +316,7 @@ def measure_step(model: torch.nn.Module, loss_at: Callable[[int], torch.Tensor],
             except torch.OutOfMemoryError:
                 if largest == 1:
                     return out_of_memory()
-                release_freed_memory()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                free_failed_pass()
                 largest //= 2
     release_freed_memory()
     # The line through the two measured points; one point only: the estimate's slope through it.
